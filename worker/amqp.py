@@ -1,0 +1,212 @@
+"""RabbitMQ transport: the only worker module that imports aio-pika.
+
+It owns the robust connection, the topology, the consumer and the reply publisher, and adapts
+aio-pika's incoming messages to ``worker.service.Delivery``. It knows nothing about embeddings.
+
+Facts relied on (RabbitMQ docs and aio-pika source):
+- Delivery tags belong to their channel. After a reconnect the robust channel is a new channel, and
+  acking an old message raises ``ChannelInvalidStateError`` (aio_pika/message.py ``channel``). The
+  broker has already requeued those deliveries, so we log and move on; duplicates are answered again.
+- Quorum queues reject a global QoS; prefetch is per consumer (``global_=False``).
+- A reply published with ``mandatory=True`` to a queue that does not exist comes back as basic.return,
+  which aiormq turns into ``PublishError`` on the publish confirmation (aiormq/channel.py
+  ``_on_return_frame``). That is how we learn a caller has gone.
+- Direct Reply-to (``amq.rabbitmq.reply-to.*``) replies go through the default exchange, from any
+  channel (RabbitMQ "Direct Reply-to" guide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import ChannelInvalidStateError
+
+from worker.messages import JSON_CONTENT_TYPE
+from worker.service import Delivery, ReplyUndeliverable
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "embed.requests"
+QUEUE = "embed.requests"
+ROUTING_KEY = "embed.requests"
+DLX = "embed.requests.dlx"
+DLQ = "embed.requests.dlq"
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpConfig:
+    url: str
+    prefetch: int
+    queue_type: str = "quorum"
+    delivery_limit: int = 5
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    connection_name: str = "embed-worker"
+
+
+def queue_arguments(config: AmqpConfig) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "x-queue-type": config.queue_type,
+        "x-dead-letter-exchange": DLX,
+        "x-dead-letter-routing-key": QUEUE,
+    }
+    if config.queue_type == "quorum":
+        # Past this many deliveries the broker dead-letters the message (reason "delivery_limit"):
+        # a request that crashes or stalls every worker cannot loop forever.
+        args["x-delivery-limit"] = config.delivery_limit
+    return args
+
+
+class _IncomingDelivery:
+    """aio-pika's message seen through the ``Delivery`` protocol."""
+
+    __slots__ = (
+        "_message",
+        "body",
+        "content_type",
+        "correlation_id",
+        "headers",
+        "message_id",
+        "redelivered",
+        "reply_to",
+    )
+
+    def __init__(self, message: AbstractIncomingMessage):
+        self._message = message
+        self.body = message.body
+        self.content_type = message.content_type
+        self.headers: Mapping[str, Any] = message.headers or {}
+        self.reply_to = message.reply_to
+        self.correlation_id = message.correlation_id
+        self.message_id = message.message_id
+        self.redelivered = bool(message.redelivered)
+
+    async def ack(self) -> None:
+        try:
+            await self._message.ack()
+        except (ChannelInvalidStateError, aiormq.exceptions.AMQPError) as exc:
+            # The channel this came on is gone: the broker redelivers it; never ack it elsewhere.
+            log.info("ack of correlation_id=%s skipped, its channel is closed (%r)", self.correlation_id, exc)
+
+    async def reject(self, *, requeue: bool) -> None:
+        try:
+            await self._message.reject(requeue=requeue)
+        except (ChannelInvalidStateError, aiormq.exceptions.AMQPError) as exc:
+            log.info("reject of correlation_id=%s skipped, its channel is closed (%r)", self.correlation_id, exc)
+
+
+class AmqpTransport:
+    def __init__(self, config: AmqpConfig):
+        self._config = config
+        self._connection: AbstractRobustConnection | None = None
+        self._consume_channel: AbstractRobustChannel | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def connect(self) -> None:
+        self._connection = await aio_pika.connect_robust(
+            self._config.url,
+            ssl_context=self._ssl_context(),
+            client_properties={"connection_name": self._config.connection_name},
+        )
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        self._consume_channel = await self._connection.channel()
+        assert self._consume_channel is not None
+        await self._consume_channel.set_qos(prefetch_count=self._config.prefetch)
+        # Replies go on their own confirm-mode channel so a publish problem never closes the consumer.
+        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._queue = await self._declare_topology(self._consume_channel)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        c = self._config
+        if not (c.ca_file or c.cert_file):
+            return None
+        ctx = ssl.create_default_context(cafile=c.ca_file)
+        if c.cert_file:
+            ctx.load_cert_chain(c.cert_file, c.key_file)
+        return ctx
+
+    async def _declare_topology(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        """Idempotent: declaring what exists with the same arguments is a no-op."""
+        exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+        dlx = await channel.declare_exchange(DLX, aio_pika.ExchangeType.DIRECT, durable=True)
+        dlq = await channel.declare_queue(DLQ, durable=True, arguments={"x-queue-type": self._config.queue_type})
+        await dlq.bind(dlx, routing_key=QUEUE)
+        queue = await channel.declare_queue(QUEUE, durable=True, arguments=queue_arguments(self._config))
+        await queue.bind(exchange, routing_key=ROUTING_KEY)
+        return queue
+
+    async def start_consuming(self, handler: Callable[[Delivery], Awaitable[None]]) -> None:
+        assert self._queue is not None
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._inflight.add(task)
+            self._idle.clear()
+            try:
+                await handler(_IncomingDelivery(message))
+            except Exception:
+                log.exception("unhandled error handling correlation_id=%s", message.correlation_id)
+            finally:
+                self._inflight.discard(task)
+                if not self._inflight:
+                    self._idle.set()
+
+        self._consumer_tag = await self._queue.consume(on_message)
+        log.info("consuming from %s (prefetch %d)", QUEUE, self._config.prefetch)
+
+    async def stop_consuming(self) -> None:
+        """basic.cancel: the broker stops sending; deliveries already here are still ours to settle."""
+        if self._queue is not None and self._consumer_tag is not None:
+            tag, self._consumer_tag = self._consumer_tag, None
+            try:
+                await self._queue.cancel(tag)
+            except Exception as exc:
+                log.info("consumer cancel failed (%r); closing the channel will stop it", exc)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def publish_reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        assert self._publish_channel is not None
+        message = aio_pika.Message(
+            body,
+            content_type=JSON_CONTENT_TYPE,
+            correlation_id=correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        try:
+            await self._publish_channel.default_exchange.publish(message, routing_key=reply_to, mandatory=True)
+        except aiormq.exceptions.PublishError as exc:
+            raise ReplyUndeliverable(reply_to) from exc
+
+    def _on_reconnect(self, *_: Any) -> None:
+        log.warning("reconnected to the broker; unacked deliveries from the old channel will be redelivered")
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None

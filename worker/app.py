@@ -1,0 +1,117 @@
+"""Composition root: build every part from one ``Settings`` and run the worker until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from pydantic import SecretStr
+
+from worker.amqp import AmqpConfig, AmqpTransport
+from worker.embedders.gemini import GeminiEmbedder
+from worker.emulator import EmulatorThread
+from worker.messages import RequestLimits
+from worker.service import BatchingConfig, EmbedService
+from worker.settings import Settings
+from worker.upstream import RetryPolicy, UpstreamCaller
+
+log = logging.getLogger(__name__)
+
+
+def amqp_config(settings: Settings, name: str = "embed-worker") -> AmqpConfig:
+    return AmqpConfig(
+        url=settings.amqp_url.get_secret_value(),
+        prefetch=settings.effective_prefetch,
+        queue_type=settings.queue_type,
+        delivery_limit=settings.delivery_limit,
+        ca_file=settings.amqp_ca_file,
+        cert_file=settings.amqp_cert_file,
+        key_file=settings.amqp_key_file,
+        connection_name=name,
+    )
+
+
+def build_service(settings: Settings, upstream: UpstreamCaller, transport: AmqpTransport) -> EmbedService:
+    return EmbedService(
+        upstream,
+        transport,
+        limits=RequestLimits(
+            default_model=settings.gemini_model,
+            models=settings.models,
+            max_body_bytes=settings.max_body_bytes,
+            max_texts=settings.max_texts_per_request,
+            max_tokens_per_text=settings.max_tokens_per_text,
+        ),
+        batching=BatchingConfig(
+            max_size=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
+            max_concurrent=settings.max_concurrent_batches,
+        ),
+        reply_to=settings.reply_to_regex,
+    )
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain within SHUTDOWN_GRACE_S."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    emulator: EmulatorThread | None = None
+    api_key, base_url = settings.gemini_api_key, settings.gemini_base_url
+    if settings.embed_backend == "emulator":
+        emulator = EmulatorThread()
+        base_url = emulator.start()
+        api_key = SecretStr("emulator")
+        log.warning("EMBED_BACKEND=emulator: vectors are synthetic, served by the bundled emulator at %s", base_url)
+    assert api_key is not None
+    embedder = GeminiEmbedder(api_key=api_key, base_url=base_url, timeout_s=settings.upstream_timeout_s)
+    upstream = UpstreamCaller(
+        embedder,
+        RetryPolicy(
+            max_attempts=settings.retry_max_attempts,
+            base_delay=settings.retry_base_delay_ms / 1000,
+            max_delay=settings.retry_max_delay_ms / 1000,
+        ),
+    )
+    transport = AmqpTransport(amqp_config(settings))
+    service = build_service(settings, upstream, transport)
+    for warning in settings.prefetch_warnings():
+        log.warning(warning)
+    try:
+        log.info("connecting to %s", settings.amqp_url_redacted)
+        await transport.connect()
+        await transport.start_consuming(service.handle)
+        log.info(
+            "ready: batch size %d, max wait %.0f ms, %d concurrent batches, prefetch %d, model %s",
+            settings.batch_max_size,
+            settings.batch_max_wait_ms,
+            settings.max_concurrent_batches,
+            settings.effective_prefetch,
+            settings.gemini_model,
+        )
+        await stop.wait()
+        await _drain(settings, transport, service)
+    finally:
+        await transport.close()
+        await embedder.aclose()
+        if emulator is not None:
+            emulator.stop()
+        log.info("stopped")
+
+
+async def _drain(settings: Settings, transport: AmqpTransport, service: EmbedService) -> None:
+    """Stop taking work, send partial batches now, publish and ack what we hold, within the grace."""
+    log.info("stopping: %d requests in hand, grace %.1fs", transport.inflight, settings.shutdown_grace_s)
+    deadline = asyncio.get_running_loop().time() + settings.shutdown_grace_s
+    await transport.stop_consuming()
+    await service.close(timeout=settings.shutdown_grace_s)
+    remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+    try:
+        await asyncio.wait_for(transport.wait_idle(), remaining)
+    except TimeoutError:
+        log.warning("grace period over with %d requests unanswered; the broker will redeliver them", transport.inflight)

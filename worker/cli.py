@@ -1,0 +1,121 @@
+"""Command line: argument parsing and start-up only; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+from pydantic import ValidationError
+
+from worker import __version__, logs
+
+
+def _settings() -> object:
+    from worker.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = ["embed-worker: invalid settings:"]
+        for err in exc.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
+            lines.append(f"  {name}: {err['msg'].removeprefix('Value error, ')}")
+        sys.exit("\n".join(lines))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from worker.app import run_worker
+    from worker.settings import Settings
+
+    settings = _settings()
+    assert isinstance(settings, Settings)
+    logs.configure(settings.log_level, settings.log_format)
+    asyncio.run(run_worker(settings))
+
+
+def _emulator(args: argparse.Namespace) -> None:
+    from worker.emulator import Emulator, EmulatorState
+
+    logs.configure("INFO")
+
+    async def serve() -> None:
+        state = EmulatorState(
+            latency_ms=args.latency_ms, fail_rate=args.fail_rate, fail_status=args.fail_status, api_key=args.api_key
+        )
+        emulator = Emulator(state)
+        port = await emulator.start(args.host, args.port)
+        print(f"Gemini emulator listening on http://{args.host}:{port}", flush=True)
+        await emulator.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+def _embed(args: argparse.Namespace) -> None:
+    import orjson
+
+    from worker.client import EmbedClient, EmbedClientError
+    from worker.settings import Settings
+
+    # Only the broker URL is needed here, so no full Settings (which would demand a Gemini key).
+    default_url = Settings.model_fields["amqp_url"].default.get_secret_value()
+    url = args.url or os.environ.get("AMQP_URL") or default_url
+
+    async def call() -> None:
+        async with EmbedClient(url, timeout=args.timeout) as client:
+            vectors = await client.embed(
+                args.texts, model=args.model, task_type=args.task_type, output_dimensionality=args.dimensions
+            )
+        for text, vec in zip(args.texts, vectors, strict=True):
+            head = ", ".join(f"{x:.4f}" for x in vec[:4])
+            print(
+                orjson.dumps({"text": text, "dimensions": len(vec), "head": head}).decode()
+                if args.json
+                else f"{text[:40]!r}: {len(vec)} dims [{head}, ...]"
+            )
+
+    try:
+        asyncio.run(call())
+    except EmbedClientError as exc:
+        sys.exit(f"embed-worker: error reply: {exc}")
+    except TimeoutError:
+        sys.exit("embed-worker: no reply in time (is a worker running?)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embed-worker", description="Batching RabbitMQ worker for Gemini embeddings.")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a worker (settings from the environment / .env)")
+    run.set_defaults(func=_run)
+
+    emu = sub.add_parser("emulator", help="run the Gemini-compatible emulator")
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--port", type=int, default=8089)
+    emu.add_argument("--latency-ms", type=float, default=0.0, help="added latency per call")
+    emu.add_argument("--fail-rate", type=float, default=0.0, help="fraction of calls that fail")
+    emu.add_argument("--fail-status", type=int, default=503, help="HTTP status of injected failures")
+    emu.add_argument("--api-key", default=None, help="require this API key (default: any non-empty key)")
+    emu.set_defaults(func=_emulator)
+
+    emb = sub.add_parser("embed", help="send texts through RabbitMQ and print the vectors' heads")
+    emb.add_argument("texts", nargs="+")
+    emb.add_argument("--url", default=None, help="broker URL (default: AMQP_URL or the local broker)")
+    emb.add_argument("--model", default=None)
+    emb.add_argument("--task-type", default=None)
+    emb.add_argument("--dimensions", type=int, default=None)
+    emb.add_argument("--timeout", type=float, default=30.0)
+    emb.add_argument("--json", action="store_true", help="JSON lines output")
+    emb.set_defaults(func=_embed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.captureWarnings(True)
+    args.func(args)

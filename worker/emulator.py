@@ -1,0 +1,350 @@
+"""A Gemini-compatible embedding server for running and testing without a key or network.
+
+It speaks the REST endpoints google-genai calls, ``POST /{version}/models/{model}:batchEmbedContents``
+(and ``:embedContent``), with deterministic vectors from ``worker.vectors``, and checks what the real
+API checks: an API key header, at most 100 texts per call, the token limit per text, a known model,
+the output dimension range. Unnormalised vectors below the full dimension, as the real API returns.
+
+Faults and latency are injected from the command line or at run time through ``/_emulator/*``:
+    POST /_emulator/config  {"latency_ms": 100, "faults": [{"status": 429, "times": 2}], ...}
+    GET  /_emulator/stats   calls, texts and batch sizes seen so far
+    POST /_emulator/reset   clear stats and faults
+A text containing ``BAD_INPUT_MARKER`` makes the whole batch fail with 400, as the real API rejects a
+whole batch for one bad input.
+
+The server is a small asyncio HTTP/1.1 implementation (keep-alive, Content-Length bodies only) so it
+is never the bottleneck of a benchmark; vectors are cached per text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+from worker import limits
+from worker.vectors import Vector, full_vector
+
+log = logging.getLogger(__name__)
+
+BAD_INPUT_MARKER = "\u0000EMULATOR-BAD-INPUT\u0000"
+_PATH = re.compile(r"^/(?P<version>v1[a-z0-9]*)/models/(?P<model>[^/:]+):(?P<method>batchEmbedContents|embedContent)$")
+_MAX_BODY = 64 * 1024 * 1024
+
+
+@dataclass
+class Fault:
+    status: int
+    times: int = 1  # how many calls it applies to; -1 = until reset
+    daily: bool = False  # a 429 that reports a per-day quota
+    retry_delay_s: float | None = None
+    message: str = "injected fault"
+
+
+@dataclass
+class EmulatorState:
+    latency_ms: float = 0.0
+    fail_rate: float = 0.0
+    fail_status: int = 503
+    api_key: str | None = None
+    faults: list[Fault] = field(default_factory=list)
+    calls: int = 0
+    texts: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    configs: Counter[str] = field(default_factory=Counter)  # texts seen per model/task_type/dims
+    call_configs: list[list[str]] = field(default_factory=list)  # distinct configs in each call
+    rejected: int = 0
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "texts": self.texts,
+            "batch_sizes": self.batch_sizes,
+            "configs": dict(self.configs),
+            "call_configs": self.call_configs,
+            "rejected": self.rejected,
+        }
+
+    def reset(self) -> None:
+        self.calls = self.texts = self.rejected = 0
+        self.batch_sizes = []
+        self.configs = Counter()
+        self.call_configs = []
+        self.faults = []
+        self.latency_ms = 0.0
+        self.fail_rate = 0.0
+
+    def configure(self, body: dict[str, Any]) -> None:
+        if "latency_ms" in body:
+            self.latency_ms = float(body["latency_ms"])
+        if "fail_rate" in body:
+            self.fail_rate = float(body["fail_rate"])
+        if "fail_status" in body:
+            self.fail_status = int(body["fail_status"])
+        if "faults" in body:
+            self.faults = [Fault(**f) for f in body["faults"]]
+
+    def next_fault(self) -> Fault | None:
+        if self.faults:
+            fault = self.faults[0]
+            if fault.times > 0:
+                fault.times -= 1
+                if fault.times == 0:
+                    self.faults.pop(0)
+            return fault
+        if self.fail_rate and self.rng.random() < self.fail_rate:
+            return Fault(status=self.fail_status, message="random injected fault")
+        return None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, details: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+
+_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    411: "Length Required",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+@lru_cache(maxsize=100_000)
+def _cached_vector(text: str, model: str, task_type: str | None, full_dims: int) -> Vector:
+    return full_vector(text, model=model, task_type=task_type, dims=full_dims)
+
+
+class Emulator:
+    def __init__(self, state: EmulatorState | None = None):
+        self.state = state or EmulatorState()
+        self._server: asyncio.Server | None = None
+
+    # ---------------------------------------------------------------- server lifecycle
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port, backlog=512)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        async with self._server:
+            await self._server.serve_forever()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    # ---------------------------------------------------------------- HTTP
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = [*lines[0].split(" ", 2), "", ""][:3]
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        name, value = line.split(":", 1)
+                        headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length", "0") or 0)
+                if length > _MAX_BODY:
+                    await self._write(writer, 413, b'{"error":{"code":413,"message":"too large"}}')
+                    return
+                body = await reader.readexactly(length) if length else b""
+                status, payload = await self._dispatch(method, target.split("?", 1)[0], headers, body)
+                await self._write(writer, status, payload)
+                if headers.get("connection", "").lower() == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _write(writer: asyncio.StreamWriter, status: int, payload: bytes) -> None:
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
+            f"Content-Type: application/json; charset=UTF-8\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        writer.write(head.encode("latin-1") + payload)
+        await writer.drain()
+
+    async def _dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/_emulator/"):
+            return self._control(method, path, body)
+        match = _PATH.match(path)
+        if method != "POST" or match is None:
+            return 404, _error_body(ApiError(404, f"no such endpoint {method} {path}"))
+        try:
+            self._check_key(headers)
+            request = orjson.loads(body)
+            if match.group("method") == "embedContent":
+                request = {"requests": [dict(request, model=f"models/{match.group('model')}")]}
+            requests = request.get("requests")
+            if not isinstance(requests, list) or not requests:
+                raise ApiError(400, "requests must be a non-empty list")
+            if self.state.latency_ms:
+                await asyncio.sleep(self.state.latency_ms / 1000)
+            fault = self.state.next_fault()
+            if fault is not None:
+                raise _fault_error(fault)
+            payload = self._embed(match.group("model"), requests)
+        except ApiError as exc:
+            self.state.rejected += 1
+            return exc.status, _error_body(exc)
+        except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError) as exc:
+            self.state.rejected += 1
+            return 400, _error_body(ApiError(400, f"invalid JSON payload: {exc}"))
+        if match.group("method") == "embedContent":
+            payload = {"embedding": payload["embeddings"][0]}
+        return 200, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _check_key(self, headers: dict[str, str]) -> None:
+        key = headers.get("x-goog-api-key")
+        if not key:
+            raise ApiError(403, "Method doesn't allow unregistered callers. Please use an API key.")
+        if self.state.api_key is not None and key != self.state.api_key:
+            raise ApiError(400, "API key not valid. Please pass a valid API key.")
+
+    def _embed(self, model: str, requests: list[Any]) -> dict[str, Any]:
+        if model not in limits.MODEL_DIMENSIONS:
+            raise ApiError(404, f"models/{model} is not found for API version v1beta")
+        if len(requests) > limits.MAX_TEXTS_PER_CALL:
+            raise ApiError(400, f"at most {limits.MAX_TEXTS_PER_CALL} requests can be in one batch")
+        full_dims = limits.MODEL_DIMENSIONS[model]
+        rows = []
+        seen: set[str] = set()
+        for i, req in enumerate(requests):
+            if req.get("model", f"models/{model}") != f"models/{model}":
+                raise ApiError(400, f"requests[{i}].model does not match the URL")
+            # Like the real API, each request in the batch carries its own configuration.
+            task_type = req.get("taskType")
+            dims = req.get("outputDimensionality")
+            if dims is not None and not limits.MIN_OUTPUT_DIMENSIONS <= int(dims) <= full_dims:
+                raise ApiError(400, f"outputDimensionality must be between 128 and {full_dims}")
+            text = "".join(p["text"] for p in req["content"]["parts"])
+            if not text:
+                raise ApiError(400, f"requests[{i}]: empty content")
+            if BAD_INPUT_MARKER in text:
+                raise ApiError(400, f"requests[{i}]: input rejected")
+            if limits.estimate_tokens(text) > limits.MAX_TOKENS_PER_TEXT:
+                raise ApiError(400, f"requests[{i}]: input exceeds {limits.MAX_TOKENS_PER_TEXT} tokens")
+            rows.append(_cached_vector(text, model, task_type, full_dims)[: int(dims) if dims else full_dims])
+            seen.add(f"{model}/{task_type}/{dims}")
+            self.state.configs[f"{model}/{task_type}/{dims}"] += 1
+        self.state.calls += 1
+        self.state.texts += len(rows)
+        self.state.batch_sizes.append(len(rows))
+        self.state.call_configs.append(sorted(seen))
+        return {"embeddings": [{"values": row} for row in rows]}
+
+    def _control(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if path == "/_emulator/stats":
+            return 200, orjson.dumps(self.state.stats())
+        if path == "/_emulator/reset" and method == "POST":
+            self.state.reset()
+            return 200, b"{}"
+        if path == "/_emulator/config" and method == "POST":
+            self.state.configure(orjson.loads(body or b"{}"))
+            return 200, b"{}"
+        return 404, _error_body(ApiError(404, "unknown emulator control endpoint"))
+
+
+def _fault_error(fault: Fault) -> ApiError:
+    details: list[dict[str, Any]] = []
+    if fault.status == 429:
+        quota = (
+            "EmbedContentRequestsPerDayPerProjectPerModel"
+            if fault.daily
+            else "EmbedContentRequestsPerMinutePerProjectPerModel"
+        )
+        details.append(
+            {
+                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [
+                    {"quotaMetric": "generativelanguage.googleapis.com/embed_content_requests", "quotaId": quota}
+                ],
+            }
+        )
+    if fault.retry_delay_s is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{fault.retry_delay_s}s"})
+    return ApiError(fault.status, fault.message, details)
+
+
+def _error_body(exc: ApiError) -> bytes:
+    error: dict[str, Any] = {
+        "code": exc.status,
+        "message": exc.message,
+        "status": _STATUS_NAMES.get(exc.status, "UNKNOWN"),
+    }
+    if exc.details:
+        error["details"] = exc.details
+    return orjson.dumps({"error": error})
+
+
+class EmulatorThread:
+    """The emulator on its own event loop in a daemon thread, for in-process use."""
+
+    def __init__(self, state: EmulatorState | None = None, host: str = "127.0.0.1", port: int = 0):
+        self.emulator = Emulator(state)
+        self._host, self._port = host, port
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gemini-emulator", daemon=True)
+        self.port = 0
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self.port = self._loop.run_until_complete(self.emulator.start(self._host, self._port))
+        self._ready.set()
+        self._loop.run_forever()
+
+    def start(self) -> str:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("emulator did not start")
+        return self.base_url
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    def stop(self) -> None:
+        if self._loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(self.emulator.stop(), self._loop)
+            with contextlib.suppress(Exception):
+                fut.result(2)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(2)

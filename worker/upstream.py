@@ -1,0 +1,87 @@
+"""How one batch is sent upstream: retries with backoff, and isolating inputs the API rejects.
+
+The result is per text: a vector, or the error that text's request should be answered with, so one
+bad input or one failed sub-call never fails the other requests that shared its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from worker.embedders.base import Embedder
+from worker.errors import EmbedError, InvalidRequest, RateLimited, UpstreamError, UpstreamInvalidInput
+from worker.messages import EmbedConfig
+from worker.vectors import Vector
+
+log = logging.getLogger(__name__)
+
+Outcome = Vector | EmbedError
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 20.0
+
+    def delay(self, attempt: int, hint: float | None, rng: random.Random) -> float:
+        """Full-jitter exponential backoff, never shorter than the API's own retry hint."""
+        backoff = rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+        if hint is not None:
+            return max(backoff, min(hint, self.max_delay))
+        return backoff
+
+
+class UpstreamCaller:
+    def __init__(
+        self,
+        embedder: Embedder,
+        policy: RetryPolicy | None = None,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ):
+        self._embedder = embedder
+        self._policy = policy or RetryPolicy()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.calls = 0
+        self.retries = 0
+
+    async def embed(self, texts: Sequence[str], config: EmbedConfig) -> list[Outcome]:
+        attempt = 0
+        while True:
+            attempt += 1
+            self.calls += 1
+            try:
+                vectors = await self._embedder.embed(texts, config)
+            except UpstreamInvalidInput as exc:
+                return await self._isolate(texts, config, exc)
+            except RateLimited as exc:
+                if exc.daily or attempt >= self._policy.max_attempts:
+                    return [exc] * len(texts)
+                await self._backoff(attempt, exc)
+            except UpstreamError as exc:
+                if not exc.transient or attempt >= self._policy.max_attempts:
+                    return [exc] * len(texts)
+                await self._backoff(attempt, exc)
+            else:
+                return list(vectors)
+
+    async def _backoff(self, attempt: int, exc: UpstreamError) -> None:
+        delay = self._policy.delay(attempt, exc.retry_after, self._rng)
+        self.retries += 1
+        log.warning("upstream %s (attempt %d); retrying in %.2fs", exc.message, attempt, delay)
+        await self._sleep(delay)
+
+    async def _isolate(self, texts: Sequence[str], config: EmbedConfig, exc: UpstreamInvalidInput) -> list[Outcome]:
+        """The API rejected the whole batch for some input in it: bisect until the culprit stands alone."""
+        if len(texts) == 1:
+            return [InvalidRequest(f"rejected by the embedding API: {exc.message}")]
+        mid = len(texts) // 2
+        left, right = await asyncio.gather(self.embed(texts[:mid], config), self.embed(texts[mid:], config))
+        return left + right
