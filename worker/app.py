@@ -53,8 +53,11 @@ def build_service(settings: Settings, upstream: UpstreamCaller, transport: AmqpT
     )
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain within SHUTDOWN_GRACE_S."""
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT), then drain within SHUTDOWN_GRACE_S.
+
+    ``ready`` is set once the worker is connected, has declared its topology and is consuming.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,6 +97,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             settings.effective_prefetch,
             settings.gemini_model,
         )
+        if ready is not None:
+            ready.set()
         await stop.wait()
         await _drain(settings, transport, service)
     finally:
