@@ -56,6 +56,7 @@ class AmqpConfig:
     cert_file: str | None = None
     key_file: str | None = None
     connection_name: str = "embed-worker"
+    reconnect_interval: float = 2.0
 
 
 def queue_arguments(config: AmqpConfig) -> dict[str, Any]:
@@ -126,6 +127,7 @@ class AmqpTransport:
             self._config.url,
             ssl_context=self._ssl_context(),
             client_properties={"connection_name": self._config.connection_name},
+            reconnect_interval=self._config.reconnect_interval,
         )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._consume_channel = await self._connection.channel()

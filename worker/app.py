@@ -30,6 +30,7 @@ def amqp_config(settings: Settings, name: str = "embed-worker") -> AmqpConfig:
         cert_file=settings.amqp_cert_file,
         key_file=settings.amqp_key_file,
         connection_name=name,
+        reconnect_interval=settings.amqp_reconnect_interval_s,
     )
 
 

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     # Quorum queues count deliveries; past this many the broker dead-letters the message.
     delivery_limit: int = Field(default=5, ge=1)
     prefetch_count: int | None = Field(default=None, ge=1)
+    amqp_reconnect_interval_s: float = Field(default=2.0, gt=0)
 
     # --- embedding backend ---
     embed_backend: Literal["gemini", "emulator"] = "gemini"

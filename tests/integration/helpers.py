@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -127,3 +127,17 @@ async def queue_depth(url: str, queue: str) -> int:
         return int(q.declaration_result.message_count or 0)
     finally:
         await connection.close()
+
+
+async def messages_ready(url: str, queue: str) -> int:
+    """Messages waiting in ``queue`` that no consumer holds."""
+    return await queue_depth(url, queue)
+
+
+async def wait_until(probe: Callable[[], Awaitable[int]], want: int, timeout: float = 20) -> None:
+    """Poll a broker-side count until it equals ``want`` (the broker offers no event for this)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := await probe()) != want:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"count stayed at {value}, wanted {want}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,148 @@
+"""Upstream faults, dead-lettering, deadlines and reply_to checks, against real RabbitMQ + emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from tests.integration.helpers import RawCaller, assert_right_vectors, get_one, queue_depth
+from worker.emulator import BAD_INPUT_MARKER, EmulatorState, Fault
+
+pytestmark = pytest.mark.integration
+
+
+async def test_transient_upstream_errors_are_retried_and_answered(
+    start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker()
+    emulator_state.faults = [Fault(503, times=2), Fault(429, times=1, retry_delay_s=0.05)]
+    async with RawCaller(vhost) as caller:
+        reply = await caller.call({"texts": ["retry me", "and me"]})
+    assert_right_vectors(reply, ["retry me", "and me"])
+    assert emulator_state.rejected == 3 and emulator_state.calls == 1
+
+
+async def test_retry_budget_exhausted_gives_retryable_error_and_dead_letters(
+    start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker(retry_max_attempts=3)
+    emulator_state.faults = [Fault(500, times=-1)]
+    async with RawCaller(vhost) as caller:
+        cid = await caller.send({"text": "doomed"})
+        reply = await caller.reply(cid)
+    assert reply["error"]["code"] == "upstream_error" and reply["error"]["retryable"] is True
+    assert emulator_state.rejected == 3
+    parked = await get_one(vhost, "embed.requests.dlq")
+    assert parked.correlation_id == cid
+    assert orjson.loads(parked.body) == {"text": "doomed"}
+    assert parked.headers["x-death"][0]["reason"] == "rejected"  # type: ignore[index]
+
+
+async def test_daily_quota_answers_rate_limited_at_once(
+    start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker(retry_max_attempts=5)
+    emulator_state.faults = [Fault(429, times=-1, daily=True)]
+    async with RawCaller(vhost) as caller:
+        reply = await caller.call({"text": "over quota"})
+    assert reply["error"]["code"] == "rate_limited" and reply["error"]["retryable"] is True
+    assert emulator_state.rejected == 1  # no retry budget burnt
+
+
+async def test_one_bad_input_fails_only_its_own_request(
+    start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker(batch_max_size=20, batch_max_wait_ms=60_000)
+    async with RawCaller(vhost) as caller:
+        good = [await caller.send({"texts": [f"good {i}", f"fine {i}"]}) for i in range(8)]
+        bad = await caller.send({"texts": ["innocent", f"poison {BAD_INPUT_MARKER}"]})
+        more = [await caller.send({"texts": [f"good {i}", f"fine {i}"]}) for i in range(8, 9)]
+        assert (await caller.reply(bad))["error"]["code"] == "invalid_request"
+        for i, cid in enumerate(good + more):
+            assert_right_vectors(await caller.reply(cid), [f"good {i}", f"fine {i}"])
+    # The full batch of 20 was rejected once, then bisected: every good text embedded exactly once more.
+    assert emulator_state.rejected >= 2 and sum(emulator_state.batch_sizes) == 19
+
+
+async def test_expired_deadline_costs_no_upstream_call(
+    start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker()
+    async with RawCaller(vhost) as caller:
+        past = int((time.time() - 1) * 1000)
+        reply = await caller.call({"text": "too late"}, headers={"x-deadline": past})
+        future = int((time.time() + 60) * 1000)
+        on_time = await caller.call({"text": "on time"}, headers={"x-deadline": future})
+    assert reply["error"]["code"] == "deadline_exceeded"
+    assert_right_vectors(on_time, ["on time"])
+    assert emulator_state.texts == 1
+
+
+async def test_missing_reply_to_is_dead_lettered_and_the_worker_keeps_going(start_worker: Any, vhost: str) -> None:
+    await start_worker()
+    async with RawCaller(vhost) as caller:
+        await caller.send({"text": "nowhere to answer"}, reply_to=None, correlation_id="lost-1")
+        parked = await get_one(vhost, "embed.requests.dlq")
+        assert parked.correlation_id == "lost-1"
+        assert_right_vectors(await caller.call({"text": "next"}), ["next"])
+
+
+async def test_reply_to_another_applications_queue_is_refused(start_worker: Any, vhost: str) -> None:
+    await start_worker()
+    connection = await aio_pika.connect(vhost)
+    channel = await connection.channel()
+    victim = await channel.declare_queue("billing.commands", durable=True)
+    async with RawCaller(vhost) as caller:
+        await caller.send({"text": "inject"}, reply_to="billing.commands", correlation_id="evil")
+        parked = await get_one(vhost, "embed.requests.dlq")
+        assert parked.correlation_id == "evil"
+        assert_right_vectors(await caller.call({"text": "legit"}), ["legit"])
+    assert await queue_depth(vhost, victim.name) == 0
+    await connection.close()
+
+
+async def test_reply_to_pattern_allows_named_reply_queues(start_worker: Any, vhost: str) -> None:
+    await start_worker(reply_to_pattern=r"replies\.[a-z]+")
+    async with RawCaller(vhost) as caller:
+        await caller.channel.declare_queue("replies.search", exclusive=True)
+        reply_queue = await caller.channel.get_queue("replies.search")
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if not got.done():
+                got.set_result(message.body)
+
+        await reply_queue.consume(on_message, no_ack=True)
+        await caller.send({"text": "named"}, reply_to="replies.search")
+        assert_right_vectors(orjson.loads(await asyncio.wait_for(got, 20)), ["named"])
+
+
+async def test_message_redelivered_past_the_limit_lands_in_the_dlq_with_its_reason(
+    start_worker: Any, vhost: str
+) -> None:
+    """A message that every consumer gives back (crash loop) is parked by the quorum queue's limit."""
+    worker = await start_worker(delivery_limit=2)
+    await worker.shutdown()  # topology declared; now play a consumer that always fails
+    connection = await aio_pika.connect(vhost)
+    channel = await connection.channel()
+    queue = await channel.get_queue("embed.requests")
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"text": "crashy"}', correlation_id="crashy", reply_to="amq.gen-x"),
+        routing_key="embed.requests",
+    )
+    rejected = 0
+    async with queue.iterator() as it:
+        async for message in it:
+            await message.reject(requeue=True)
+            rejected += 1
+            if rejected == 3:
+                break
+    parked = await get_one(vhost, "embed.requests.dlq")
+    assert parked.correlation_id == "crashy"
+    assert parked.headers["x-death"][0]["reason"] == "delivery_limit"  # type: ignore[index]
+    await connection.close()
