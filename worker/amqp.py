@@ -118,6 +118,9 @@ class AmqpTransport:
         self._publish_channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._handler: Callable[[Delivery], Awaitable[None]] | None = None
+        self._stopping = False
+        self._control: set[asyncio.Task[None]] = set()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -158,6 +161,7 @@ class AmqpTransport:
 
     async def start_consuming(self, handler: Callable[[Delivery], Awaitable[None]]) -> None:
         assert self._queue is not None
+        self._handler = handler
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
@@ -176,7 +180,26 @@ class AmqpTransport:
         self._consumer_tag = await self._queue.consume(on_message)
         log.info("consuming from %s (prefetch %d)", QUEUE, self._config.prefetch)
 
+    def pause(self) -> None:
+        """Stop taking new deliveries for now (the upstream is failing); those in hand carry on."""
+        self._spawn(self._cancel_consumer())
+
+    def resume(self) -> None:
+        if self._stopping or self._handler is None or self._consumer_tag is not None:
+            return
+        self._spawn(self.start_consuming(self._handler))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._control.add(task)
+        task.add_done_callback(self._control.discard)
+
     async def stop_consuming(self) -> None:
+        """For shutdown: cancel the consumer and never resume."""
+        self._stopping = True
+        await self._cancel_consumer()
+
+    async def _cancel_consumer(self) -> None:
         """basic.cancel: the broker stops sending; deliveries already here are still ours to settle."""
         if self._queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None

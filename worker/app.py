@@ -12,6 +12,7 @@ from pydantic import SecretStr
 from worker.amqp import AmqpConfig, AmqpTransport
 from worker.embedders.gemini import GeminiEmbedder
 from worker.emulator import EmulatorThread
+from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.messages import RequestLimits
 from worker.service import BatchingConfig, EmbedService
 from worker.settings import Settings
@@ -74,6 +75,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
         log.warning("EMBED_BACKEND=emulator: vectors are synthetic, served by the bundled emulator at %s", base_url)
     assert api_key is not None
     embedder = GeminiEmbedder(api_key=api_key, base_url=base_url, timeout_s=settings.upstream_timeout_s)
+    transport = AmqpTransport(amqp_config(settings))
     upstream = UpstreamCaller(
         embedder,
         RetryPolicy(
@@ -81,8 +83,12 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
             base_delay=settings.retry_base_delay_ms / 1000,
             max_delay=settings.retry_max_delay_ms / 1000,
         ),
+        rate_limiter=RateLimiter(settings.upstream_rpm, settings.upstream_tpm),
+        concurrency=AdaptiveConcurrency(settings.max_concurrent_batches),
+        breaker=CircuitBreaker(
+            settings.breaker_failures, settings.breaker_cooldown_s, on_open=transport.pause, on_close=transport.resume
+        ),
     )
-    transport = AmqpTransport(amqp_config(settings))
     service = build_service(settings, upstream, transport)
     for warning in settings.prefetch_warnings():
         log.warning(warning)

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     retry_max_attempts: int = Field(default=5, ge=1)
     retry_base_delay_ms: float = Field(default=200.0, ge=0)
     retry_max_delay_ms: float = Field(default=20_000.0, ge=0)
+    # Client-side share of the API quota for this process (0 = no limit).
+    upstream_rpm: float = Field(default=0, ge=0)
+    upstream_tpm: float = Field(default=0, ge=0)
+    # Pause consuming after this many failed upstream calls in a row (0 = never); probe after the cooldown.
+    breaker_failures: int = Field(default=5, ge=0)
+    breaker_cooldown_s: float = Field(default=5.0, gt=0)
 
     # --- batching ---
     batch_max_size: int = Field(default=limits.MAX_TEXTS_PER_CALL, ge=1, le=limits.MAX_TEXTS_PER_CALL)

@@ -12,9 +12,11 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from worker import limits
 from worker.embedders.base import Embedder
 from worker.errors import EmbedError, InvalidRequest, RateLimited, UpstreamError, UpstreamInvalidInput
-from worker.messages import EmbedConfig
+from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
+from worker.messages import EmbedConfig, Vectors
 from worker.vectors import Vector
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,17 @@ class UpstreamCaller:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        rate_limiter: RateLimiter | None = None,
+        concurrency: AdaptiveConcurrency | None = None,
+        breaker: CircuitBreaker | None = None,
     ):
         self._embedder = embedder
         self._policy = policy or RetryPolicy()
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._rate = rate_limiter or RateLimiter()
+        self._concurrency = concurrency
+        self.breaker = breaker
         self.calls = 0
         self.retries = 0
 
@@ -58,19 +66,39 @@ class UpstreamCaller:
             attempt += 1
             self.calls += 1
             try:
-                vectors = await self._embedder.embed(texts, config)
+                vectors = await self._call(texts, config)
             except UpstreamInvalidInput as exc:
                 return await self._isolate(texts, config, exc)
             except RateLimited as exc:
+                if self._concurrency is not None:
+                    self._concurrency.on_rate_limited()
+                self._failed()
                 if exc.daily or attempt >= self._policy.max_attempts:
                     return [exc] * len(texts)
                 await self._backoff(attempt, exc)
             except UpstreamError as exc:
+                if exc.transient:
+                    self._failed()
                 if not exc.transient or attempt >= self._policy.max_attempts:
                     return [exc] * len(texts)
                 await self._backoff(attempt, exc)
             else:
+                if self._concurrency is not None:
+                    self._concurrency.on_success()
+                if self.breaker is not None:
+                    self.breaker.success()
                 return list(vectors)
+
+    async def _call(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
+        await self._rate.acquire(sum(limits.estimate_tokens(t) for t in texts))
+        if self._concurrency is None:
+            return await self._embedder.embed(texts, config)
+        async with self._concurrency:
+            return await self._embedder.embed(texts, config)
+
+    def _failed(self) -> None:
+        if self.breaker is not None:
+            self.breaker.failure()
 
     async def _backoff(self, attempt: int, exc: UpstreamError) -> None:
         delay = self._policy.delay(attempt, exc.retry_after, self._rng)

@@ -141,3 +141,13 @@ async def wait_until(probe: Callable[[], Awaitable[int]], want: int, timeout: fl
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"count stayed at {value}, wanted {want}")
         await asyncio.sleep(0.05)
+
+
+async def consumers(url: str, queue: str) -> int:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        q = await channel.declare_queue(queue, passive=True)
+        return int(q.declaration_result.consumer_count or 0)
+    finally:
+        await connection.close()

@@ -10,7 +10,7 @@ import aio_pika
 import orjson
 import pytest
 
-from tests.integration.helpers import RawCaller, assert_right_vectors, get_one, queue_depth
+from tests.integration.helpers import RawCaller, assert_right_vectors, consumers, get_one, queue_depth, wait_until
 from worker.emulator import BAD_INPUT_MARKER, EmulatorState, Fault
 
 pytestmark = pytest.mark.integration
@@ -146,3 +146,58 @@ async def test_message_redelivered_past_the_limit_lands_in_the_dlq_with_its_reas
     assert parked.correlation_id == "crashy"
     assert parked.headers["x-death"][0]["reason"] == "delivery_limit"  # type: ignore[index]
     await connection.close()
+
+
+async def test_broker_connection_loss_reconnects_and_answers_everything(
+    broker: Any, start_worker: Any, vhost: str, emulator_state: EmulatorState, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator_state.latency_ms = 300  # 12 batches one at a time: ~4 s of work, so the drop lands mid-stream
+    await start_worker(batch_max_size=5, max_concurrent_batches=1, amqp_reconnect_interval_s=0.3)
+    vhost_name = vhost.rsplit("/", 1)[1]
+    texts = [f"through the storm {i}" for i in range(60)]
+    async with RawCaller(vhost) as caller:
+        cids = [await caller.send({"text": t}) for t in texts]
+        await caller.reply(cids[0])
+        # Close only the worker's connections (the caller's must survive to collect replies).
+        listing = broker.ctl(["list_connections", "-q", "--no-table-headers", "pid", "vhost", "client_properties"])
+        worker_pids = [
+            line.split("\t")[0]
+            for line in listing.splitlines()
+            if f"\t{vhost_name}\t" in line and "embed-worker" in line
+        ]
+        assert worker_pids, listing
+        for pid in worker_pids:
+            broker.ctl(["close_connection", pid, "test: connection drop"])
+        replies = [await caller.reply(cid, timeout=60) for cid in cids]
+    for text, reply in zip(texts, replies, strict=True):
+        assert_right_vectors(reply, [text])
+    assert "reconnected to the broker" in caplog.text
+    assert sum(emulator_state.batch_sizes) >= len(texts)
+
+
+async def test_sustained_upstream_failure_pauses_consuming_and_resumes_on_recovery(
+    start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    emulator_state.faults = [Fault(503, times=-1)]
+    await start_worker(
+        batch_max_size=5,
+        max_concurrent_batches=1,
+        prefetch_count=5,
+        retry_max_attempts=2,
+        breaker_failures=3,
+        breaker_cooldown_s=0.5,
+    )
+    texts = [f"patience {i}" for i in range(40)]
+    async with RawCaller(vhost) as caller:
+        cids = [await caller.send({"text": t}) for t in texts]
+        await wait_until(lambda: consumers(vhost, "embed.requests"), 0)  # paused
+        held_back = await queue_depth(vhost, "embed.requests")
+        assert held_back >= 25, "the queue was drained into errors instead of pausing"
+        emulator_state.faults = []  # upstream recovers
+        replies = [await caller.reply(cid, timeout=30) for cid in cids]
+    failed = [r for r in replies if "error" in r]
+    assert all(r["error"]["retryable"] for r in failed)
+    assert len(failed) <= len(texts) - held_back
+    for text, reply in zip(texts, replies, strict=True):
+        if "error" not in reply:
+            assert_right_vectors(reply, [text])
