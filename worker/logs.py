@@ -31,6 +31,7 @@ def configure(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Third-party debug output can echo request headers (API keys) or URLs: keep it at INFO or above.
+    # Third-party debug output can echo request headers (API keys); httpx logs every request at INFO.
+    # Our own DEBUG lines already carry each batch's size, wait and latency.
     for noisy in ("httpx", "httpcore", "google_genai", "google.genai", "aiormq", "aio_pika"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
+        logging.getLogger(noisy).setLevel(logging.WARNING)
