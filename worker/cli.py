@@ -86,6 +86,26 @@ def _embed(args: argparse.Namespace) -> None:
         sys.exit("embed-worker: no reply in time (is a worker running?)")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from worker.bench.report import main as bench_main
+    from worker.bench.scenarios import SCENARIOS, BenchConfig
+
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    config = BenchConfig(
+        amqp_url=args.url or os.environ.get("AMQP_URL") or BenchConfig.amqp_url,
+        requests=args.requests,
+        batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        concurrency=args.concurrency,
+        rates=args.rates,
+        rate_seconds=args.rate_seconds,
+        progress=not args.no_progress,
+    )
+    bench_main(names, config, Path(args.out), plot=not args.no_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embed-worker", description="Batching RabbitMQ worker for Gemini embeddings.")
     parser.add_argument("--version", action="version", version=__version__)
@@ -112,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--timeout", type=float, default=30.0)
     emb.add_argument("--json", action="store_true", help="JSON lines output")
     emb.set_defaults(func=_embed)
+
+    bench = sub.add_parser("bench", help="run a benchmark scenario against RabbitMQ and the emulator")
+    bench.add_argument(
+        "scenario", choices=["drain", "latency", "upstream-bound", "dims", "scale", "baseline", "memory", "all"]
+    )
+    bench.add_argument("--url", default=None, help="broker URL (default: AMQP_URL or the local broker)")
+    bench.add_argument("--requests", type=int, default=20_000, help="requests per drain run")
+    bench.add_argument("--batch-size", type=int, default=100)
+    bench.add_argument("--max-wait-ms", type=float, default=50)
+    bench.add_argument("--concurrency", type=int, default=4)
+    bench.add_argument("--rates", type=float, nargs="+", default=[5, 50, 200, 500, 1000, 2000])
+    bench.add_argument("--rate-seconds", type=float, default=3.0, help="seconds of load per latency rate")
+    bench.add_argument("--out", default="bench-results", help="folder for JSON results and PNG plots")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--no-plot", action="store_true")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -276,6 +276,11 @@ class Emulator:
         if path == "/_emulator/reset" and method == "POST":
             self.state.reset()
             return 200, b"{}"
+        if path == "/_emulator/stats/reset" and method == "POST":
+            latency, fail_rate = self.state.latency_ms, self.state.fail_rate
+            self.state.reset()  # counters only: keep the configured latency and fault rate
+            self.state.latency_ms, self.state.fail_rate = latency, fail_rate
+            return 200, b"{}"
         if path == "/_emulator/config" and method == "POST":
             self.state.configure(orjson.loads(body or b"{}"))
             return 200, b"{}"

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 MAX_TEXTS_PER_CALL = 100
 MAX_TOKENS_PER_TEXT = 2048
-MIN_OUTPUT_DIMENSIONS = 128
+MIN_OUTPUT_DIMENSIONS = 128  # for output_dimensionality; a model's own full size may be smaller
 # Full (native) output dimension per model; vectors at this size come normalised from the API.
 MODEL_DIMENSIONS: dict[str, int] = {
     "gemini-embedding-001": 3072,
     "text-embedding-004": 768,
+    # Not a Gemini model: served only by the bundled emulator, so benchmarks can measure the cost of
+    # moving messages without the cost of moving floats. A worker serves it only if ALLOWED_MODELS says so.
+    "emulator-embedding-8d": 8,
 }
 DEFAULT_MODEL_DIMENSIONS = 3072
 

@@ -161,10 +161,10 @@ def _config(parsed: EmbedRequestBody, limits_: RequestLimits) -> EmbedConfig:
     dims = parsed.output_dimensionality
     full = limits.full_dimensions(model)
     if dims is not None:
-        if not limits.MIN_OUTPUT_DIMENSIONS <= dims <= full:
-            raise InvalidRequest(f"output_dimensionality must be between {limits.MIN_OUTPUT_DIMENSIONS} and {full}")
         if dims == full:
             dims = None  # same vectors as the default: let them share batches
+        elif not limits.MIN_OUTPUT_DIMENSIONS <= dims <= full:
+            raise InvalidRequest(f"output_dimensionality must be between {limits.MIN_OUTPUT_DIMENSIONS} and {full}")
     return EmbedConfig(model=model, task_type=task_type, output_dimensionality=dims)
 
 

@@ -3,68 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from typing import Any
 
+from worker.bench.procs import ManagedProcess
 
-class WorkerProcess:
+
+class WorkerProcess(ManagedProcess):
     def __init__(self, env: dict[str, str]):
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "AMQP_", "BATCH_"))}
-        full_env.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for_line(self, fragment: str, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if fragment in line:
-                        return line
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no line containing {fragment!r}; output:\n{self.output}")
-                self._cond.wait(remaining)
-
-    @property
-    def output(self) -> str:
-        with self._cond:
-            return "".join(self.lines)
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        # Start from a clean slate: the test's own environment must not leak worker settings in.
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "AMQP_", "BATCH_"))}
+        clean.update(env)
+        super().__init__(["-m", "worker", "run"], clean, inherit_env=False)
 
 
 def worker_env(amqp_url: str, base_url: str, **extra: Any) -> dict[str, str]:

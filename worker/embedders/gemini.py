@@ -57,9 +57,10 @@ class GeminiEmbedder:
         embed_config = types.EmbedContentConfig(
             task_type=config.task_type, output_dimensionality=config.output_dimensionality
         )
+        contents: list[Any] = list(texts)  # one text per content; the SDK batches them in one call
         try:
             response = await self._client.aio.models.embed_content(
-                model=config.model, contents=list(texts), config=embed_config
+                model=config.model, contents=contents, config=embed_config
             )
         except genai_errors.APIError as exc:
             raise map_api_error(exc) from None

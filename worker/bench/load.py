@@ -1,0 +1,113 @@
+"""The load driver: publishes requests, collects replies, and keeps the timings.
+
+It runs in the bench process, never inside a worker. Replies are counted as they arrive and only a
+sample is parsed and checked (right vector for the right text), so the driver spends as little CPU
+as it can on the shared machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aio_pika
+import numpy as np
+import orjson
+
+from worker import limits
+from worker.vectors import expected_vector
+
+
+@dataclass
+class Sent:
+    text: str
+    at: float
+    check: bool
+
+
+@dataclass
+class Driver:
+    url: str
+    sample_every: int = 50
+    sent: dict[str, Sent] = field(default_factory=dict)
+    received: dict[str, float] = field(default_factory=dict)
+    bodies: dict[str, bytes] = field(default_factory=dict)
+    on_reply: Callable[[], None] | None = None
+
+    async def __aenter__(self) -> Driver:
+        self.connection = await aio_pika.connect(self.url)
+        self.channel = await self.connection.channel()
+        self.queue = await self.channel.declare_queue("", exclusive=True, auto_delete=True)
+        self._all_in = asyncio.Event()
+        self._target = 0
+        await self.queue.consume(self._reply, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.connection.close()
+
+    async def _reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        cid = message.correlation_id or ""
+        if cid in self.received:
+            return  # a duplicate (allowed after redelivery); the first one counts
+        self.received[cid] = time.perf_counter()
+        sent = self.sent.get(cid)
+        if sent is not None and sent.check:
+            self.bodies[cid] = message.body
+        if self.on_reply is not None:
+            self.on_reply()
+        if len(self.received) >= self._target:
+            self._all_in.set()
+
+    async def send(self, text: str, *, model: str, dims: int | None) -> None:
+        cid = uuid.uuid4().hex
+        body: dict[str, object] = {"text": text, "model": model}
+        if dims:
+            body["output_dimensionality"] = dims
+        self.sent[cid] = Sent(text, time.perf_counter(), len(self.sent) % self.sample_every == 0)
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(
+                orjson.dumps(body), content_type="application/json", correlation_id=cid, reply_to=self.queue.name
+            ),
+            routing_key="embed.requests",
+        )
+
+    async def open_loop(self, rate: float, count: int, *, model: str, dims: int | None, prefix: str) -> None:
+        """Send ``count`` requests at ``rate`` per second on a fixed schedule (not paced by replies)."""
+        start = time.perf_counter()
+        for i in range(count):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self.send(f"{prefix} {i}", model=model, dims=dims)
+
+    async def wait_for(self, total: int, timeout: float) -> None:
+        self._target = total
+        if len(self.received) >= total:
+            return
+        self._all_in.clear()
+        await asyncio.wait_for(self._all_in.wait(), timeout)
+
+    def check_sample(self, *, model: str, dims: int | None, echo: bool = False) -> int:
+        """Verify the sampled replies; returns how many were checked. Raises on a wrong vector."""
+        full = limits.full_dimensions(model)
+        for cid, raw in self.bodies.items():
+            reply = orjson.loads(raw)
+            if "error" in reply:
+                raise AssertionError(f"error reply: {reply['error']}")
+            got = np.asarray(reply["embeddings"][0], dtype=np.float32)
+            if echo:
+                if got.shape != ((dims or full),):
+                    raise AssertionError(f"echo reply of shape {got.shape}")
+                continue
+            want = expected_vector(self.sent[cid].text, model=model, task_type=None, dims=dims, full_dims=full)
+            if not np.allclose(got, want, atol=1e-6):
+                raise AssertionError(f"wrong vector for {self.sent[cid].text!r}")
+        return len(self.bodies)
+
+    def latencies_ms(self, cids: list[str] | None = None) -> np.ndarray:
+        keys = cids if cids is not None else list(self.received)
+        return np.array([(self.received[c] - self.sent[c].at) * 1000 for c in keys if c in self.received])

@@ -1,0 +1,114 @@
+"""Results: a JSON file, a PNG plot and a short table per scenario."""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.bench.scenarios import SCENARIOS, Bench, BenchConfig
+
+
+async def run(names: list[str], config: BenchConfig, out_dir: Path, plot: bool = True) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    async with Bench(config) as bench:
+        for name in names:
+            started = time.time()
+            result = await SCENARIOS[name](bench)
+            result["scenario"] = name
+            result["config"] = {k: v for k, v in vars(config).items() if k != "amqp_url"}
+            result["machine"] = {"cpus": _cpus(), "python": platform.python_version(), "at": started}
+            (out_dir / f"{name}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+            if plot:
+                _plot(name, result, out_dir / f"{name}.png")
+            print(table(name, result), flush=True)
+            results[name] = result
+    return results
+
+
+def table(name: str, result: dict[str, Any]) -> str:
+    lines = [f"\n== {name}"]
+    if "rows" in result:
+        lines.append(f"{'rate/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>7} {'fill':>6}")
+        for r in result["rows"]:
+            lines.append(
+                f"{r['rate_per_s']:>8g} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+                f"{r['mean_batch']:>7.1f} {r['batch_fill']:>6.0%}"
+            )
+        lone = result["lone_request"]
+        lines.append(
+            f"lone request: p50 {lone['p50_ms']} ms (target <= {lone['p50_target_ms']} ms), "
+            f"p99 {lone['p99_ms']} ms (target <= {lone['p99_target_ms']} ms)"
+        )
+        return "\n".join(lines)
+    lines.append(f"{'run':<34} {'req/s':>9} {'texts/s':>9} {'calls':>7} {'batch':>7} {'RSS MB':>8} {'s':>7}")
+    for r in result["runs"]:
+        batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
+        lines.append(
+            f"{r['label']:<34} {r['requests_per_s']:>9.0f} {r['texts_per_s']:>9.0f} "
+            f"{r['upstream_calls']:>7} {batch:>7} {r['peak_rss_mb']:>8.1f} {r['seconds']:>7.2f}"
+        )
+    for key, value in result.get("ratios", {}).items():
+        lines.append(f"  {key}: {value:.2f}x")
+    if "ideal_texts_per_s" in result:
+        lines.append(f"  ideal (concurrency x batch / 0.3 s): {result['ideal_texts_per_s']:.0f} texts/s")
+    return "\n".join(lines)
+
+
+def _plot(name: str, result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if "rows" in result:
+        rows = result["rows"]
+        rates = [r["rate_per_s"] for r in rows]
+        for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^:")):
+            ax.plot(rates, [r[key] for r in rows], style, label=key.replace("_ms", ""))
+        ax.set_xscale("log")
+        ax.set_xlabel("arrival rate (requests/s, open loop)")
+        ax.set_ylabel("reply latency (ms)")
+        fill = ax.twinx()
+        fill.bar(
+            rates,
+            [r["batch_fill"] * 100 for r in rows],
+            width=[x * 0.3 for x in rates],
+            alpha=0.2,
+            color="green",
+            label="batch fill",
+        )
+        fill.set_ylabel("mean batch fill (% of BATCH_MAX_SIZE)")
+        fill.set_ylim(0, 105)
+        s = result["settings"]
+        ax.set_title(
+            f"latency vs load (batch {s['batch_size']}, wait {s['max_wait_ms']} ms, {s['concurrency']} concurrent)"
+        )
+        ax.legend(loc="upper left")
+    else:
+        runs = result["runs"]
+        ax.barh([r["label"] for r in runs], [r["texts_per_s"] for r in runs], color="steelblue")
+        for i, r in enumerate(runs):
+            ax.text(r["texts_per_s"], i, f" {r['texts_per_s']:.0f}/s", va="center")
+        ax.set_xlabel("texts per second")
+        ax.invert_yaxis()
+        ax.set_title(name + ": " + ", ".join(f"{k} {v:.2f}x" for k, v in result.get("ratios", {}).items())[:90])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def main(names: list[str], config: BenchConfig, out_dir: Path, plot: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(run(names, config, out_dir, plot))

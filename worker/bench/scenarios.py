@@ -1,0 +1,326 @@
+"""Benchmark scenarios: each starts what it needs (emulator, worker processes, reference workers) on
+a fresh vhost, drives load from this process, and returns figures. Ratios are taken against
+references measured in the same run, because the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import numpy as np
+import orjson
+
+from worker.amqp import AmqpConfig, AmqpTransport
+from worker.bench.load import Driver
+from worker.bench.procs import ManagedProcess
+
+SMALL = "emulator-embedding-8d"  # the emulator's 8-dimension model: message cost without float cost
+FULL = "gemini-embedding-001"
+
+
+@dataclass
+class BenchConfig:
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    requests: int = 20_000
+    batch_size: int = 100
+    max_wait_ms: float = 50
+    concurrency: int = 4
+    rates: list[float] = field(default_factory=lambda: [5, 50, 200, 500, 1000, 2000])
+    rate_seconds: float = 3.0
+    progress: bool = True
+    reply_encoding: str | None = None
+
+
+class Bench:
+    """Owns the emulator process and hands out fresh vhosts."""
+
+    def __init__(self, config: BenchConfig):
+        self.config = config
+        self.emulator: ManagedProcess | None = None
+        self.emulator_url = ""
+        self._vhosts = shutil.which("rabbitmqctl") is not None
+
+    async def __aenter__(self) -> Bench:
+        self.emulator = ManagedProcess(["-m", "worker", "emulator", "--port", "0"])
+        line = await asyncio.to_thread(self.emulator.wait_for_line, "listening on", 30)
+        self.emulator_url = line.rsplit(" ", 1)[1].strip()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.emulator is not None:
+            self.emulator.stop(5)
+
+    # ------------------------------------------------------------------ plumbing
+    def emulator_call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """GET for ``stats``, POST (with ``body`` or an empty object) for the control endpoints."""
+        data = None if path.endswith("/stats") else orjson.dumps(body or {})
+        request = urllib.request.Request(self.emulator_url + path, data=data, method="GET" if data is None else "POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            result: dict[str, Any] = orjson.loads(response.read())
+            return result
+
+    @contextlib.asynccontextmanager
+    async def vhost(self) -> AsyncIterator[str]:
+        if not self._vhosts:
+            yield self.config.amqp_url  # no rabbitmqctl here: share the given vhost
+            return
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        await asyncio.to_thread(_ctl, ["add_vhost", name])
+        user = urlsplit(self.config.amqp_url).username or "guest"
+        await asyncio.to_thread(_ctl, ["set_permissions", "-p", name, user, ".*", ".*", ".*"])
+        try:
+            parts = urlsplit(self.config.amqp_url)
+            yield urlunsplit(parts._replace(path="/" + quote(name, safe="")))
+        finally:
+            await asyncio.to_thread(_ctl, ["delete_vhost", name])
+
+    def start(self, target: str, url: str, **settings: Any) -> ManagedProcess:
+        c = self.config
+        if target == "echo":
+            return ManagedProcess(["-m", "worker.bench.echo", url, str(c.batch_size * (c.concurrency + 1))])
+        if target == "naive":
+            return ManagedProcess(["-m", "worker.bench.naive", url, self.emulator_url])
+        env = {
+            "AMQP_URL": url,
+            "GEMINI_API_KEY": "bench",
+            "GEMINI_BASE_URL": self.emulator_url,
+            "ALLOWED_MODELS": orjson.dumps([SMALL]).decode(),
+            "BATCH_MAX_SIZE": str(c.batch_size),
+            "BATCH_MAX_WAIT_MS": str(c.max_wait_ms),
+            "MAX_CONCURRENT_BATCHES": str(c.concurrency),
+            "LOG_LEVEL": "INFO",
+            "BREAKER_FAILURES": "0",
+        }
+        env.update({k.upper(): str(v) for k, v in settings.items()})
+        return ManagedProcess(["-m", "worker", "run"], env)
+
+    def _progress(self, total: int, desc: str) -> Any:
+        if not self.config.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="req", leave=False)
+
+    # ------------------------------------------------------------------ drain
+    async def drain(
+        self,
+        target: str,
+        *,
+        n: int,
+        model: str = SMALL,
+        dims: int | None = None,
+        processes: int = 1,
+        latency_ms: float = 0,
+        label: str | None = None,
+        **settings: Any,
+    ) -> dict[str, Any]:
+        """Pre-load ``n`` one-text requests, start the target, time until every reply is in."""
+        self.emulator_call("/_emulator/reset")
+        self.emulator_call("/_emulator/config", {"latency_ms": latency_ms})
+        async with self.vhost() as url:
+            transport = AmqpTransport(AmqpConfig(url=url, prefetch=1))
+            await transport.connect()  # the worker's own topology, declared before the load
+            await transport.close()
+            async with Driver(url) as driver:
+                bar = self._progress(n, f"{label or target}: publish")
+                for i in range(n):
+                    await driver.send(f"{target} drain {i}", model=model, dims=dims)
+                    if bar is not None and i % 500 == 0:
+                        bar.update(min(500, n - i))
+                if bar is not None:
+                    bar.close()
+                bar = self._progress(n, f"{label or target}: drain")
+                driver.on_reply = (lambda: bar.update(1)) if bar is not None else None
+                procs = [self.start(target, url, **settings) for _ in range(processes)]
+                try:
+                    await asyncio.gather(*(asyncio.to_thread(p.wait_for_line, "ready:", 60) for p in procs))
+                    started = time.perf_counter()
+                    await driver.wait_for(n, timeout=max(120.0, n / 50))
+                    finished = max(driver.received.values())
+                    rss = [p.peak_rss_mb() or 0.0 for p in procs]
+                finally:
+                    for p in procs:
+                        p.stop(10)
+                    if bar is not None:
+                        bar.close()
+                checked = driver.check_sample(model=model, dims=dims, echo=target == "echo")
+        stats = self.emulator_call("/_emulator/stats")
+        seconds = finished - started
+        return {
+            "label": label or target,
+            "target": target,
+            "processes": processes,
+            "requests": n,
+            "dimensions": dims or _full(model),
+            "emulator_latency_ms": latency_ms,
+            "seconds": round(seconds, 3),
+            "requests_per_s": round(n / seconds, 1),
+            "texts_per_s": round(n / seconds, 1),
+            "upstream_calls": stats["calls"],
+            "mean_batch": round(stats["texts"] / stats["calls"], 2) if stats["calls"] else None,
+            "peak_rss_mb": round(max(rss), 1),
+            "replies_checked": checked,
+        }
+
+    # ------------------------------------------------------------------ open-loop latency
+    async def latency(self, *, latency_ms: float = 0) -> list[dict[str, Any]]:
+        c = self.config
+        self.emulator_call("/_emulator/reset")
+        self.emulator_call("/_emulator/config", {"latency_ms": latency_ms})
+        rows = []
+        async with self.vhost() as url:
+            proc = self.start("worker", url)
+            try:
+                await asyncio.to_thread(proc.wait_for_line, "ready:", 60)
+                async with Driver(url, sample_every=10) as driver:
+                    for rate in c.rates:
+                        count = max(20, int(rate * c.rate_seconds))
+                        self.emulator_call("/_emulator/stats/reset")
+                        before = set(driver.sent)
+                        await driver.open_loop(rate, count, model=SMALL, dims=None, prefix=f"rate {rate}")
+                        await driver.wait_for(len(driver.sent), timeout=60)
+                        stats = self.emulator_call("/_emulator/stats")
+                        cids = [cid for cid in driver.sent if cid not in before]
+                        lat = driver.latencies_ms(cids)
+                        rows.append(
+                            {
+                                "rate_per_s": rate,
+                                "requests": count,
+                                "p50_ms": round(float(np.percentile(lat, 50)), 2),
+                                "p95_ms": round(float(np.percentile(lat, 95)), 2),
+                                "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                                "mean_batch": round(stats["texts"] / max(1, stats["calls"]), 2),
+                                "batch_fill": round(stats["texts"] / max(1, stats["calls"]) / c.batch_size, 3),
+                            }
+                        )
+                    driver.check_sample(model=SMALL, dims=None)
+            finally:
+                proc.stop(10)
+        return rows
+
+
+def _ctl(args: list[str]) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def _full(model: str) -> int:
+    from worker import limits
+
+    return limits.full_dimensions(model)
+
+
+# ---------------------------------------------------------------------- scenarios
+Scenario = Callable[[Bench], Any]
+
+
+async def scenario_drain(bench: Bench) -> dict[str, Any]:
+    n = bench.config.requests
+    echo = await bench.drain("echo", n=n, label="echo 8d")
+    worker = await bench.drain("worker", n=n, label="worker 8d")
+    slow = await bench.drain("worker", n=n, latency_ms=100, label="worker 8d, upstream 100 ms")
+    return {
+        "runs": [echo, worker, slow],
+        "ratios": {
+            "worker / echo": _ratio(worker, echo),
+            "worker (100 ms upstream) / echo": _ratio(slow, echo),
+        },
+    }
+
+
+async def scenario_dims(bench: Bench) -> dict[str, Any]:
+    n = max(100, bench.config.requests // 4)
+    runs, ratios = [], {}
+    for dims in (768, 3072):
+        echo = await bench.drain("echo", n=n, model=FULL, dims=dims if dims != 3072 else None, label=f"echo {dims}d")
+        worker = await bench.drain(
+            "worker", n=n, model=FULL, dims=dims if dims != 3072 else None, label=f"worker {dims}d"
+        )
+        runs += [echo, worker]
+        ratios[f"worker / echo at {dims}d"] = _ratio(worker, echo)
+    return {"runs": runs, "ratios": ratios}
+
+
+async def scenario_upstream_bound(bench: Bench) -> dict[str, Any]:
+    c = bench.config
+    n = max(c.batch_size * c.concurrency * 4, c.requests // 4)
+    echo = await bench.drain("echo", n=n, label="echo 8d")
+    worker = await bench.drain("worker", n=n, latency_ms=300, label="worker 8d, upstream 300 ms")
+    ideal = c.concurrency * c.batch_size / 0.3
+    ceiling = min(ideal, echo["texts_per_s"])
+    return {
+        "runs": [echo, worker],
+        "ideal_texts_per_s": round(ideal, 1),
+        "ratios": {"worker / min(ideal, echo)": round(worker["texts_per_s"] / ceiling, 3)},
+    }
+
+
+async def scenario_scale(bench: Bench) -> dict[str, Any]:
+    n = bench.config.requests
+    runs = [await bench.drain("worker", n=n, processes=k, label=f"worker x{k}") for k in (1, 2, 4)]
+    return {"runs": runs, "ratios": {f"x{r['processes']} / x1": _ratio(r, runs[0]) for r in runs}}
+
+
+async def scenario_baseline(bench: Bench) -> dict[str, Any]:
+    n = max(100, bench.config.requests // 4)
+    echo = await bench.drain("echo", n=n, label="echo 8d")
+    naive = await bench.drain("naive", n=n, label="naive 8d (1 call/message)")
+    worker = await bench.drain("worker", n=n, label="worker 8d")
+    return {
+        "runs": [echo, naive, worker],
+        "ratios": {
+            "naive / echo": _ratio(naive, echo),
+            "worker / echo": _ratio(worker, echo),
+            "worker / naive (batching speed-up)": _ratio(worker, naive),
+        },
+    }
+
+
+async def scenario_memory(bench: Bench) -> dict[str, Any]:
+    n = max(bench.config.requests, 1000)
+    small = await bench.drain("worker", n=max(100, n // 10), label=f"worker, {max(100, n // 10)} backlog")
+    big = await bench.drain("worker", n=n, label=f"worker, {n} backlog")
+    return {
+        "runs": [small, big],
+        "ratios": {"peak RSS big / small": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3)},
+    }
+
+
+async def scenario_latency(bench: Bench) -> dict[str, Any]:
+    c = bench.config
+    rows = await bench.latency()
+    lone = rows[0]
+    return {
+        "rows": rows,
+        "settings": {"batch_size": c.batch_size, "max_wait_ms": c.max_wait_ms, "concurrency": c.concurrency},
+        "lone_request": {
+            "p50_ms": lone["p50_ms"],
+            "p99_ms": lone["p99_ms"],
+            "p50_target_ms": c.max_wait_ms + 5,
+            "p99_target_ms": c.max_wait_ms + 15,
+        },
+    }
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "drain": scenario_drain,
+    "latency": scenario_latency,
+    "upstream-bound": scenario_upstream_bound,
+    "dims": scenario_dims,
+    "scale": scenario_scale,
+    "baseline": scenario_baseline,
+    "memory": scenario_memory,
+}
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return round(float(a["texts_per_s"]) / float(b["texts_per_s"]), 3)
