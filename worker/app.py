@@ -74,7 +74,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
         api_key = SecretStr("emulator")
         log.warning("EMBED_BACKEND=emulator: vectors are synthetic, served by the bundled emulator at %s", base_url)
     assert api_key is not None
-    embedder = GeminiEmbedder(api_key=api_key, base_url=base_url, timeout_s=settings.upstream_timeout_s)
+    embedder = GeminiEmbedder(
+        api_key=api_key,
+        base_url=base_url,
+        timeout_s=settings.upstream_timeout_s,
+        fast_path=settings.gemini_fast_path,
+        max_connections=settings.max_concurrent_batches * 4,
+    )
     transport = AmqpTransport(amqp_config(settings))
     upstream = UpstreamCaller(
         embedder,

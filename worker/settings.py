@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     gemini_base_url: str | None = None
     allowed_models: list[str] = Field(default_factory=list)
     upstream_timeout_s: float = Field(default=30.0, gt=0)
+    # Send through the SDK's API client and parse vectors with orjson (see embedders/gemini.py).
+    gemini_fast_path: bool = True
     retry_max_attempts: int = Field(default=5, ge=1)
     retry_base_delay_ms: float = Field(default=200.0, ge=0)
     retry_max_delay_ms: float = Field(default=20_000.0, ge=0)

@@ -5,6 +5,15 @@ aiohttp happens to be importable, the SDK's async path switches to aiohttp, whic
 connection errors on its own and would hide them from our retry budget and metrics.
 The SDK itself does not retry by default (``HttpOptions.retry_options`` is unset), which we keep:
 retries, backoff and rate limiting live in ``worker.upstream``.
+
+Two call paths, same endpoint, same SDK transport, headers and error mapping (``APIError``):
+- ``fast_path=True`` (default) builds the ``batchEmbedContents`` body itself and sends it through the
+  SDK's own API client (``client.aio._api_client.async_request``), then parses the raw response with
+  orjson straight into one float32 array. Profiling showed why: at 3,072 dimensions the public
+  method's stdlib-json parse plus a pydantic object per vector costs ~180 ms per 100 vectors, and at
+  8 dimensions its per-text request models were ~10% of the worker's CPU (README, Performance).
+- ``fast_path=False`` calls the public ``client.aio.models.embed_content``. It is also used when the
+  installed SDK lacks the private client the fast path needs. Tests run both against the emulator.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -39,6 +49,7 @@ class GeminiEmbedder:
         base_url: str | None = None,
         timeout_s: float = 30.0,
         max_connections: int = 32,
+        fast_path: bool = True,
     ):
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
@@ -50,34 +61,58 @@ class GeminiEmbedder:
             httpx_async_client=self._http,
         )
         self._client = genai.Client(api_key=api_key.get_secret_value(), http_options=options)
+        self._api_client = getattr(self._client.aio, "_api_client", None) if fast_path else None
+        self.fast_path = self._api_client is not None and hasattr(self._api_client, "async_request")
 
     async def embed(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
         if len(texts) > limits.MAX_TEXTS_PER_CALL:
             raise ValueError(f"{len(texts)} texts in one call; the API takes {limits.MAX_TEXTS_PER_CALL}")
-        embed_config = types.EmbedContentConfig(
-            task_type=config.task_type, output_dimensionality=config.output_dimensionality
-        )
-        contents: list[Any] = list(texts)  # one text per content; the SDK batches them in one call
         try:
-            response = await self._client.aio.models.embed_content(
-                model=config.model, contents=contents, config=embed_config
-            )
+            if self.fast_path:
+                vectors = await self._embed_fast(texts, config)
+            else:
+                vectors = await self._embed_public(texts, config)
         except genai_errors.APIError as exc:
             raise map_api_error(exc) from None
         except httpx.TimeoutException as exc:
             raise UpstreamError(f"timed out: {type(exc).__name__}", transient=True) from None
         except httpx.TransportError as exc:
             raise UpstreamError(f"connection error: {type(exc).__name__}", transient=True) from None
+        except (KeyError, TypeError, ValueError) as exc:  # a 200 whose body is not what the API documents
+            raise UpstreamError(f"malformed API response: {type(exc).__name__}", transient=True) from None
 
-        embeddings = response.embeddings or []
-        if len(embeddings) != len(texts):
-            raise UpstreamError(f"API returned {len(embeddings)} embeddings for {len(texts)} texts", transient=True)
-        vectors = np.array([e.values for e in embeddings], dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != config.dimensions:
-            raise UpstreamError(f"API returned vectors of shape {vectors.shape}", transient=False)
+        if vectors.ndim != 2 or vectors.shape != (len(texts), config.dimensions):
+            raise UpstreamError(
+                f"API returned vectors of shape {vectors.shape} for {len(texts)} texts", transient=False
+            )
         if config.dimensions < limits.full_dimensions(config.model):
             normalise(vectors)
         return vectors
+
+    async def _embed_public(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
+        embed_config = types.EmbedContentConfig(
+            task_type=config.task_type, output_dimensionality=config.output_dimensionality
+        )
+        contents: list[Any] = list(texts)  # one text per content; the SDK batches them in one call
+        response = await self._client.aio.models.embed_content(
+            model=config.model, contents=contents, config=embed_config
+        )
+        return np.array([e.values for e in response.embeddings or []], dtype=np.float32)
+
+    async def _embed_fast(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
+        """POST {base}/{version}/models/{model}:batchEmbedContents, as the SDK's public method does."""
+        assert self._api_client is not None
+        model = f"models/{config.model}"
+        extra: dict[str, Any] = {}
+        if config.task_type:
+            extra["taskType"] = config.task_type
+        if config.output_dimensionality:
+            extra["outputDimensionality"] = config.output_dimensionality
+        body = {"requests": [{"model": model, "content": {"parts": [{"text": t}]}, **extra} for t in texts]}
+        response = await self._api_client.async_request("post", f"{model}:batchEmbedContents", body)
+        parsed = orjson.loads(response.body)
+        embeddings = parsed.get("embeddings") or []
+        return np.array([e["values"] for e in embeddings], dtype=np.float32)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -1,0 +1,80 @@
+"""The Gemini embedder through the real google-genai SDK against the emulator, on both call paths."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+
+from worker.embedders.gemini import GeminiEmbedder
+from worker.emulator import EmulatorState, EmulatorThread, Fault
+from worker.errors import RateLimited, UpstreamError, UpstreamInvalidInput
+from worker.messages import EmbedConfig
+from worker.vectors import expected_vector
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "public-method"])
+async def embedder(request: pytest.FixtureRequest, emulator: EmulatorThread) -> AsyncIterator[GeminiEmbedder]:
+    emb = GeminiEmbedder(api_key=SecretStr("k"), base_url=emulator.base_url, fast_path=request.param)
+    assert emb.fast_path is request.param
+    yield emb
+    await emb.aclose()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        EmbedConfig("gemini-embedding-001"),
+        EmbedConfig("gemini-embedding-001", "RETRIEVAL_QUERY", 768),
+        EmbedConfig("text-embedding-004", "CLUSTERING", 128),
+    ],
+)
+async def test_vectors_match_the_texts_and_are_unit_length(embedder: GeminiEmbedder, config: EmbedConfig) -> None:
+    texts = [f"text {i}" for i in range(37)]
+    vectors = await embedder.embed(texts, config)
+    assert vectors.dtype == np.float32 and vectors.shape == (37, config.dimensions)
+    full = 3072 if config.model == "gemini-embedding-001" else 768
+    for text, vec in zip(texts, vectors, strict=True):
+        want = expected_vector(
+            text, model=config.model, task_type=config.task_type, dims=config.output_dimensionality, full_dims=full
+        )
+        assert np.allclose(vec, want, atol=1e-6)
+        assert abs(float(np.linalg.norm(vec)) - 1) < 1e-5
+
+
+async def test_errors_are_mapped(embedder: GeminiEmbedder, emulator_state: EmulatorState) -> None:
+    cfg = EmbedConfig("gemini-embedding-001")
+    emulator_state.faults = [
+        Fault(429, retry_delay_s=7),
+        Fault(429, daily=True),
+        Fault(503),
+        Fault(400),
+        Fault(403),
+    ]
+    with pytest.raises(RateLimited) as limited:
+        await embedder.embed(["a"], cfg)
+    assert limited.value.retry_after == 7 and limited.value.transient and not limited.value.daily
+    with pytest.raises(RateLimited) as daily:
+        await embedder.embed(["a"], cfg)
+    assert daily.value.daily and not daily.value.transient and daily.value.retryable
+    with pytest.raises(UpstreamError) as unavailable:
+        await embedder.embed(["a"], cfg)
+    assert unavailable.value.transient and unavailable.value.status == 503
+    with pytest.raises(UpstreamInvalidInput):
+        await embedder.embed(["a"], cfg)
+    with pytest.raises(UpstreamError) as denied:
+        await embedder.embed(["a"], cfg)
+    assert not denied.value.transient and denied.value.status == 403
+    with pytest.raises(UpstreamError) as unknown:
+        await embedder.embed(["a"], EmbedConfig("no-such-model"))
+    assert unknown.value.status == 404 and not unknown.value.transient
+
+
+async def test_connection_refused_is_transient() -> None:
+    emb = GeminiEmbedder(api_key=SecretStr("k"), base_url="http://127.0.0.1:9", timeout_s=2)
+    with pytest.raises(UpstreamError) as info:
+        await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
+    assert info.value.transient
+    await emb.aclose()
