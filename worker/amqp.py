@@ -34,7 +34,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelInvalidStateError
 
-from worker.messages import JSON_CONTENT_TYPE
+from worker.messages import Reply
 from worker.service import Delivery, ReplyUndeliverable
 
 log = logging.getLogger(__name__)
@@ -215,11 +215,12 @@ class AmqpTransport:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    async def publish_reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+    async def publish_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
         assert self._publish_channel is not None
         message = aio_pika.Message(
-            body,
-            content_type=JSON_CONTENT_TYPE,
+            reply.body,
+            content_type=reply.content_type,
+            headers=reply.headers,
             correlation_id=correlation_id,
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )

@@ -20,7 +20,13 @@ import numpy as np
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from worker.messages import DEADLINE_HEADER, JSON_CONTENT_TYPE, Vectors
+from worker.messages import (
+    DEADLINE_HEADER,
+    FLOAT32_CONTENT_TYPE,
+    JSON_CONTENT_TYPE,
+    Vectors,
+    decode_float32_reply,
+)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 ROUTING_KEY = "embed.requests"
@@ -44,7 +50,7 @@ class EmbedClient:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
 
     async def connect(self) -> None:
         self._connection = await aio_pika.connect(self._url)
@@ -71,7 +77,7 @@ class EmbedClient:
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.pop(message.correlation_id or "", None)
         if future is not None and not future.done():
-            future.set_result(message.body)
+            future.set_result(message)
 
     async def embed(
         self,
@@ -81,31 +87,37 @@ class EmbedClient:
         task_type: str | None = None,
         output_dimensionality: int | None = None,
         timeout: float | None = None,
+        binary: bool = False,
     ) -> Vectors:
         """Vectors for ``texts`` in order; raises EmbedClientError or TimeoutError.
 
         The timeout also becomes the request's ``x-deadline``, so the worker spends no upstream call
-        on a request whose caller has stopped waiting.
+        on a request whose caller has stopped waiting. ``binary`` asks for the float32 reply encoding.
         """
         body: dict[str, Any] = {"texts": texts}
+        if binary:
+            body["reply_encoding"] = "float32"
         if model:
             body["model"] = model
         if task_type:
             body["task_type"] = task_type
         if output_dimensionality:
             body["output_dimensionality"] = output_dimensionality
-        reply = orjson.loads(await self.request(orjson.dumps(body), timeout=timeout))
+        message = await self.request(orjson.dumps(body), timeout=timeout)
+        if message.content_type == FLOAT32_CONTENT_TYPE:
+            return decode_float32_reply(message.body, message.headers or {})
+        reply = orjson.loads(message.body)
         if "error" in reply:
             err = reply["error"]
             raise EmbedClientError(err["code"], err["message"], bool(err.get("retryable")))
         return np.asarray(reply["embeddings"], dtype=np.float32)
 
-    async def request(self, body: bytes, *, timeout: float | None = None) -> bytes:
+    async def request(self, body: bytes, *, timeout: float | None = None) -> AbstractIncomingMessage:
         assert self._channel is not None, "call connect() first"
         timeout = timeout or self._timeout
         async with self._slots:
             cid = uuid.uuid4().hex
-            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
             self._pending[cid] = future
             message = aio_pika.Message(
                 body,

@@ -30,6 +30,7 @@ from worker.batcher import Batcher, BatcherClosed, BatchStats
 from worker.errors import DeadlineExceeded, EmbedError, UpstreamError
 from worker.messages import (
     EmbedConfig,
+    Reply,
     RequestLimits,
     decode_request,
     encode_error,
@@ -60,7 +61,7 @@ class ReplyUndeliverable(Exception):
 
 
 class ReplyPublisher(Protocol):
-    async def publish_reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+    async def publish_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
         """Publish and wait for the broker's confirm; raise ReplyUndeliverable if it was returned."""
 
 
@@ -148,12 +149,13 @@ class EmbedService:
             await self._reply(delivery, encode_error(error), dead_letter=parked)
             return
         vectors = np.stack(outcomes)  # type: ignore[arg-type]
-        await self._reply(delivery, encode_vectors(vectors, request.config.model), dead_letter=False)
+        reply = encode_vectors(vectors, request.config.model, request.reply_encoding)
+        await self._reply(delivery, reply, dead_letter=False)
 
-    async def _reply(self, delivery: Delivery, body: bytes, *, dead_letter: bool) -> None:
+    async def _reply(self, delivery: Delivery, reply: Reply, *, dead_letter: bool) -> None:
         assert delivery.reply_to is not None
         try:
-            await self._publisher.publish_reply(delivery.reply_to, delivery.correlation_id, body)
+            await self._publisher.publish_reply(delivery.reply_to, delivery.correlation_id, reply)
         except ReplyUndeliverable:
             log.info(
                 "reply to %s returned: caller is gone (correlation_id=%s)",

@@ -8,6 +8,7 @@ import threading
 import uuid
 from typing import Any
 
+import numpy as np
 import orjson
 import pika
 import pytest
@@ -168,3 +169,16 @@ async def test_client_raises_typed_errors(start_worker: Any, vhost: str) -> None
         with pytest.raises(EmbedClientError) as info:
             await client.embed(["a"], task_type="NOT_A_TASK")
     assert info.value.code == "invalid_request" and not info.value.retryable
+
+
+async def test_float32_reply_encoding_carries_the_same_vectors(start_worker: Any, vhost: str) -> None:
+    await start_worker()
+    texts = ["binary one", "binary two", "binary three"]
+    async with EmbedClient(vhost, timeout=20) as client:
+        vectors = await client.embed(texts, output_dimensionality=768, binary=True)
+        as_json = await client.embed(texts, output_dimensionality=768)
+    assert vectors.dtype == np.float32 and vectors.shape == (3, 768)
+    assert np.array_equal(vectors, as_json)  # bit for bit: JSON float32 text round-trips exactly
+    assert_right_vectors(
+        {"embeddings": vectors.tolist(), "model": "gemini-embedding-001", "dimensions": 768}, texts, dims=768
+    )

@@ -17,6 +17,7 @@ from worker.messages import (
     EmbedRequest,
     ErrorReply,
     RequestLimits,
+    decode_float32_reply,
     decode_request,
     encode_error,
     encode_vectors,
@@ -115,11 +116,15 @@ def test_truncate_cuts_only_overlong_texts() -> None:
 
 def test_replies_round_trip_through_the_documented_schemas() -> None:
     vectors = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
-    reply = EmbedReply.model_validate_json(encode_vectors(vectors, "gemini-embedding-001"))
+    reply = EmbedReply.model_validate_json(encode_vectors(vectors, "gemini-embedding-001").body)
     assert reply.dimensions == 8 and reply.model == "gemini-embedding-001"
     assert np.array_equal(np.asarray(reply.embeddings, dtype=np.float32), vectors)  # exact float32 round trip
-    err = ErrorReply.model_validate_json(encode_error(InvalidRequest("nope")))
+    err = ErrorReply.model_validate_json(encode_error(InvalidRequest("nope")).body)
     assert (err.error.code, err.error.message, err.error.retryable) == ("invalid_request", "nope", False)
+    binary = encode_vectors(vectors, "gemini-embedding-001", "float32")
+    assert binary.content_type == "application/x-embeddings-float32" and len(binary.body) == 3 * 8 * 4
+    assert binary.headers is not None
+    assert np.array_equal(decode_float32_reply(binary.body, binary.headers), vectors)
 
 
 json_values = st.recursive(
@@ -163,7 +168,7 @@ def test_any_body_and_headers_give_a_valid_request_or_a_clean_error(
         req = decode_request(body, content_type=content_type, headers=headers, limits_=LIMITS)
     except InvalidRequest as exc:
         assert exc.message and len(exc.message) < 2000
-        ErrorReply.model_validate_json(encode_error(exc))
+        ErrorReply.model_validate_json(encode_error(exc).body)
         return
     assert 1 <= len(req.texts) <= LIMITS.max_texts
     assert all(isinstance(t, str) and t.strip() for t in req.texts)

@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 
 from worker import limits
+from worker.messages import FLOAT32_CONTENT_TYPE, decode_float32_reply
 from worker.vectors import expected_vector
 
 
@@ -34,7 +35,8 @@ class Driver:
     sample_every: int = 50
     sent: dict[str, Sent] = field(default_factory=dict)
     received: dict[str, float] = field(default_factory=dict)
-    bodies: dict[str, bytes] = field(default_factory=dict)
+    bodies: dict[str, aio_pika.abc.AbstractIncomingMessage] = field(default_factory=dict)
+    reply_encoding: str = "json"
     on_reply: Callable[[], None] | None = None
 
     async def __aenter__(self) -> Driver:
@@ -56,7 +58,7 @@ class Driver:
         self.received[cid] = time.perf_counter()
         sent = self.sent.get(cid)
         if sent is not None and sent.check:
-            self.bodies[cid] = message.body
+            self.bodies[cid] = message
         if self.on_reply is not None:
             self.on_reply()
         if len(self.received) >= self._target:
@@ -67,6 +69,8 @@ class Driver:
         body: dict[str, object] = {"text": text, "model": model}
         if dims:
             body["output_dimensionality"] = dims
+        if self.reply_encoding != "json":
+            body["reply_encoding"] = self.reply_encoding
         self.sent[cid] = Sent(text, time.perf_counter(), len(self.sent) % self.sample_every == 0)
         await self.channel.default_exchange.publish(
             aio_pika.Message(
@@ -94,11 +98,14 @@ class Driver:
     def check_sample(self, *, model: str, dims: int | None, echo: bool = False) -> int:
         """Verify the sampled replies; returns how many were checked. Raises on a wrong vector."""
         full = limits.full_dimensions(model)
-        for cid, raw in self.bodies.items():
-            reply = orjson.loads(raw)
-            if "error" in reply:
-                raise AssertionError(f"error reply: {reply['error']}")
-            got = np.asarray(reply["embeddings"][0], dtype=np.float32)
+        for cid, message in self.bodies.items():
+            if message.content_type == FLOAT32_CONTENT_TYPE:
+                got = decode_float32_reply(message.body, message.headers or {})[0]
+            else:
+                reply = orjson.loads(message.body)
+                if "error" in reply:
+                    raise AssertionError(f"error reply: {reply['error']}")
+                got = np.asarray(reply["embeddings"][0], dtype=np.float32)
             if echo:
                 if got.shape != ((dims or full),):
                     raise AssertionError(f"echo reply of shape {got.shape}")

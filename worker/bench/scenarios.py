@@ -122,6 +122,7 @@ class Bench:
         processes: int = 1,
         latency_ms: float = 0,
         label: str | None = None,
+        reply_encoding: str = "json",
         **settings: Any,
     ) -> dict[str, Any]:
         """Pre-load ``n`` one-text requests, start the target, time until every reply is in."""
@@ -131,7 +132,7 @@ class Bench:
             transport = AmqpTransport(AmqpConfig(url=url, prefetch=1))
             await transport.connect()  # the worker's own topology, declared before the load
             await transport.close()
-            async with Driver(url) as driver:
+            async with Driver(url, reply_encoding=reply_encoding) as driver:
                 bar = self._progress(n, f"{label or target}: publish")
                 for i in range(n):
                     await driver.send(f"{target} drain {i}", model=model, dims=dims)
@@ -245,8 +246,17 @@ async def scenario_dims(bench: Bench) -> dict[str, Any]:
         worker = await bench.drain(
             "worker", n=n, model=FULL, dims=dims if dims != 3072 else None, label=f"worker {dims}d"
         )
-        runs += [echo, worker]
+        binary = await bench.drain(
+            "worker",
+            n=n,
+            model=FULL,
+            dims=dims if dims != 3072 else None,
+            reply_encoding="float32",
+            label=f"worker {dims}d, float32 replies",
+        )
+        runs += [echo, worker, binary]
         ratios[f"worker / echo at {dims}d"] = _ratio(worker, echo)
+        ratios[f"worker float32 replies / echo (JSON) at {dims}d"] = _ratio(binary, echo)
     return {"runs": runs, "ratios": ratios}
 
 
