@@ -77,6 +77,26 @@ def vhost(broker: Broker) -> Iterator[str]:
         broker.ctl(["delete_vhost", name])
 
 
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL when a server answers there, otherwise a Redis in Docker (testcontainers)."""
+    url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", parts.port or 6379), timeout=2):
+            yield url
+            return
+    except OSError:
+        pass
+    from testcontainers.redis import RedisContainer
+
+    with RedisContainer("redis:7") as container:
+        yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+
+
 @pytest.fixture(scope="session")
 def emulator_thread() -> Iterator[EmulatorThread]:
     thread = EmulatorThread()

@@ -44,6 +44,10 @@ QUEUE = "embed.requests"
 ROUTING_KEY = "embed.requests"
 DLX = "embed.requests.dlx"
 DLQ = "embed.requests.dlq"
+DEFERRED_QUEUE = "embed.deferred"
+DEFERRED_KEY = "embed.deferred"
+DEFERRED_DLQ = "embed.deferred.dlq"
+FLUSH_KEY = "embed.deferred.flush"  # control messages: every worker's lane drains now
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +63,11 @@ class AmqpConfig:
     reconnect_interval: float = 2.0
 
 
-def queue_arguments(config: AmqpConfig) -> dict[str, Any]:
+def queue_arguments(config: AmqpConfig, dead_letter_key: str = QUEUE) -> dict[str, Any]:
     args: dict[str, Any] = {
         "x-queue-type": config.queue_type,
         "x-dead-letter-exchange": DLX,
-        "x-dead-letter-routing-key": QUEUE,
+        "x-dead-letter-routing-key": dead_letter_key,
     }
     if config.queue_type == "quorum":
         # Past this many deliveries the broker dead-letters the message (reason "delivery_limit"):
@@ -121,6 +125,7 @@ class AmqpTransport:
         self._handler: Callable[[Delivery], Awaitable[None]] | None = None
         self._stopping = False
         self._control: set[asyncio.Task[None]] = set()
+        self._deferred_channel: AbstractRobustChannel | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -157,6 +162,15 @@ class AmqpTransport:
         await dlq.bind(dlx, routing_key=QUEUE)
         queue = await channel.declare_queue(QUEUE, durable=True, arguments=queue_arguments(self._config))
         await queue.bind(exchange, routing_key=ROUTING_KEY)
+        # The fire-and-forget lane's buffer, on the same exchange.
+        deferred_dlq = await channel.declare_queue(
+            DEFERRED_DLQ, durable=True, arguments={"x-queue-type": self._config.queue_type}
+        )
+        await deferred_dlq.bind(dlx, routing_key=DEFERRED_KEY)
+        deferred = await channel.declare_queue(
+            DEFERRED_QUEUE, durable=True, arguments=queue_arguments(self._config, DEFERRED_KEY)
+        )
+        await deferred.bind(exchange, routing_key=DEFERRED_KEY)
         return queue
 
     async def start_consuming(self, handler: Callable[[Delivery], Awaitable[None]]) -> None:
@@ -212,6 +226,16 @@ class AmqpTransport:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def paused(self) -> bool:
+        return self._handler is not None and self._consumer_tag is None and not self._stopping
+
+    @property
+    def ready(self) -> bool:
+        """Connected, topology declared, and consuming (or paused by the breaker, which resumes itself)."""
+        connected = self._connection is not None and not self._connection.is_closed
+        return connected and self._queue is not None and self._handler is not None and not self._stopping
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
@@ -228,6 +252,41 @@ class AmqpTransport:
             await self._publish_channel.default_exchange.publish(message, routing_key=reply_to, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
             raise ReplyUndeliverable(reply_to) from exc
+
+    # ------------------------------------------------------------------ deferred lane
+    async def _deferred(self) -> AbstractRobustChannel:
+        if self._deferred_channel is None or self._deferred_channel.is_closed:
+            assert self._connection is not None
+            self._deferred_channel = await self._connection.channel()
+        return self._deferred_channel
+
+    async def fetch_deferred(self, max_messages: int) -> list[Delivery]:
+        """basic.get up to ``max_messages``: take what is there, hold nothing in a prefetch window."""
+        channel = await self._deferred()
+        queue = await channel.get_queue(DEFERRED_QUEUE, ensure=False)
+        out: list[Delivery] = []
+        while len(out) < max_messages:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            out.append(_IncomingDelivery(message))
+        return out
+
+    async def deferred_depth(self) -> int:
+        channel = await self._deferred()
+        queue = await channel.declare_queue(DEFERRED_QUEUE, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+    async def consume_flush_requests(self, on_flush: Callable[[Delivery], None]) -> None:
+        """A server-named queue per worker bound to ``embed.deferred.flush``: every worker hears it."""
+        channel = await self._deferred()
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(EXCHANGE, routing_key=FLUSH_KEY)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            on_flush(_IncomingDelivery(message))
+
+        await queue.consume(on_message)
 
     def _on_reconnect(self, *_: Any) -> None:
         log.warning("reconnected to the broker; unacked deliveries from the old channel will be redelivered")

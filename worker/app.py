@@ -10,10 +10,14 @@ import signal
 from pydantic import SecretStr
 
 from worker.amqp import AmqpConfig, AmqpTransport
+from worker.deferred import DeferredConfig, DeferredLane
 from worker.embedders.gemini import GeminiEmbedder
 from worker.emulator import EmulatorThread
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.messages import RequestLimits
+from worker.metrics import Metrics
+from worker.metrics import serve as serve_metrics
+from worker.redis_store import RedisVectorStore
 from worker.service import BatchingConfig, EmbedService
 from worker.settings import Settings
 from worker.upstream import RetryPolicy, UpstreamCaller
@@ -35,23 +39,42 @@ def amqp_config(settings: Settings, name: str = "embed-worker") -> AmqpConfig:
     )
 
 
-def build_service(settings: Settings, upstream: UpstreamCaller, transport: AmqpTransport) -> EmbedService:
+def request_limits(settings: Settings) -> RequestLimits:
+    return RequestLimits(
+        default_model=settings.gemini_model,
+        models=settings.models,
+        max_body_bytes=settings.max_body_bytes,
+        max_texts=settings.max_texts_per_request,
+        max_tokens_per_text=settings.max_tokens_per_text,
+    )
+
+
+def deferred_config(settings: Settings) -> DeferredConfig:
+    return DeferredConfig(
+        batch_max_size=settings.deferred_batch_max_size,
+        max_concurrent=settings.deferred_max_concurrent_batches,
+        max_messages=settings.deferred_max_messages,
+        flush_interval_s=settings.deferred_flush_interval_s,
+        wake_depth=settings.deferred_wake_messages,
+        poll_s=settings.deferred_poll_s,
+        skip_unchanged=settings.deferred_skip_unchanged,
+    )
+
+
+def build_service(
+    settings: Settings, upstream: UpstreamCaller, transport: AmqpTransport, metrics: Metrics
+) -> EmbedService:
     return EmbedService(
         upstream,
         transport,
-        limits=RequestLimits(
-            default_model=settings.gemini_model,
-            models=settings.models,
-            max_body_bytes=settings.max_body_bytes,
-            max_texts=settings.max_texts_per_request,
-            max_tokens_per_text=settings.max_tokens_per_text,
-        ),
+        limits=request_limits(settings),
         batching=BatchingConfig(
             max_size=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000,
             max_concurrent=settings.max_concurrent_batches,
         ),
         reply_to=settings.reply_to_regex,
+        metrics=metrics,
     )
 
 
@@ -82,6 +105,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
         max_connections=settings.max_concurrent_batches * 4,
     )
     transport = AmqpTransport(amqp_config(settings))
+    metrics = Metrics()
+    metrics.inflight.set_function(lambda: transport.inflight)
+    metrics.paused.set_function(lambda: int(transport.paused))
+    metrics.ready.set_function(lambda: int(transport.ready))
     upstream = UpstreamCaller(
         embedder,
         RetryPolicy(
@@ -94,14 +121,39 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
         breaker=CircuitBreaker(
             settings.breaker_failures, settings.breaker_cooldown_s, on_open=transport.pause, on_close=transport.resume
         ),
+        metrics=metrics,
     )
-    service = build_service(settings, upstream, transport)
+    service = build_service(settings, upstream, transport, metrics)
+    health = None
+    if settings.metrics_port is not None:
+        health = await serve_metrics(metrics, lambda: transport.ready, settings.metrics_host, settings.metrics_port)
     for warning in settings.prefetch_warnings():
         log.warning(warning)
+    lane, store, lane_task = None, None, None
+    lane_stop = asyncio.Event()
+    if settings.redis_url is not None and settings.deferred_enabled:
+        store = RedisVectorStore(settings.redis_url.get_secret_value())
+        lane = DeferredLane(
+            transport,
+            store,
+            upstream,
+            transport,
+            limits=request_limits(settings),
+            config=deferred_config(settings),
+            reply_to=settings.reply_to_regex,
+        )
     try:
         log.info("connecting to %s", settings.amqp_url_redacted)
         await transport.connect()
         await transport.start_consuming(service.handle)
+        if lane is not None:
+            await transport.consume_flush_requests(lane.request_flush)
+            lane_task = asyncio.create_task(lane.run(lane_stop))
+            log.info(
+                "deferred lane on: flush every %.0fs or at %d messages",
+                settings.deferred_flush_interval_s,
+                settings.deferred_wake_messages,
+            )
         log.info(
             "ready: batch size %d, max wait %.0f ms, %d concurrent batches, prefetch %d, model %s",
             settings.batch_max_size,
@@ -113,8 +165,18 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
         if ready is not None:
             ready.set()
         await stop.wait()
+        lane_stop.set()
         await _drain(settings, transport, service)
+        if lane_task is not None:
+            # A round in progress finishes (write, ack); otherwise its messages go back to the queue.
+            await asyncio.wait({lane_task}, timeout=settings.shutdown_grace_s)
     finally:
+        if lane_task is not None and not lane_task.done():
+            lane_task.cancel()
+        if store is not None:
+            await store.aclose()
+        if health is not None:
+            health.close()
         await transport.close()
         await embedder.aclose()
         if emulator is not None:

@@ -31,9 +31,14 @@ def _run(args: argparse.Namespace) -> None:
     from worker.app import run_worker
     from worker.settings import Settings
 
-    settings = _settings()
+    settings = _settings()  # validated once here, so a bad setting fails before any child starts
     assert isinstance(settings, Settings)
     logs.configure(settings.log_level, settings.log_format)
+    if args.processes > 1:
+        from worker.supervisor import Supervisor
+
+        supervisor = Supervisor(args.processes, grace_s=settings.shutdown_grace_s, metrics_port=settings.metrics_port)
+        sys.exit(supervisor.run())
     asyncio.run(run_worker(settings))
 
 
@@ -56,34 +61,53 @@ def _emulator(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    import orjson
-
-    from worker.client import EmbedClient, EmbedClientError
+    from worker.client import EmbedClientError
+    from worker.embed_file import embed_file, print_vectors
     from worker.settings import Settings
 
     # Only the broker URL is needed here, so no full Settings (which would demand a Gemini key).
     default_url = Settings.model_fields["amqp_url"].default.get_secret_value()
     url = args.url or os.environ.get("AMQP_URL") or default_url
-
-    async def call() -> None:
-        async with EmbedClient(url, timeout=args.timeout) as client:
-            vectors = await client.embed(
-                args.texts, model=args.model, task_type=args.task_type, output_dimensionality=args.dimensions
-            )
-        for text, vec in zip(args.texts, vectors, strict=True):
-            head = ", ".join(f"{x:.4f}" for x in vec[:4])
-            print(
-                orjson.dumps({"text": text, "dimensions": len(vec), "head": head}).decode()
-                if args.json
-                else f"{text[:40]!r}: {len(vec)} dims [{head}, ...]"
-            )
-
+    options = {"model": args.model, "task_type": args.task_type, "output_dimensionality": args.dimensions}
+    if not args.file and not args.texts:
+        sys.exit("embed-worker embed: give texts, or --file")
     try:
-        asyncio.run(call())
+        if args.file:
+            count = asyncio.run(
+                embed_file(
+                    url,
+                    args.file,
+                    args.output,
+                    options,
+                    timeout=args.timeout,
+                    chunk=args.chunk,
+                    concurrency=args.concurrency,
+                )
+            )
+            print(f"{count} embeddings written to {args.output}", file=sys.stderr)
+        else:
+            asyncio.run(print_vectors(url, args.texts, options, timeout=args.timeout, as_json=args.json))
     except EmbedClientError as exc:
         sys.exit(f"embed-worker: error reply: {exc}")
     except TimeoutError:
         sys.exit("embed-worker: no reply in time (is a worker running?)")
+
+
+def _flush(args: argparse.Namespace) -> None:
+    from worker.client import EmbedClient
+    from worker.settings import Settings
+
+    default_url = Settings.model_fields["amqp_url"].default.get_secret_value()
+    url = args.url or os.environ.get("AMQP_URL") or default_url
+
+    async def call() -> int:
+        async with EmbedClient(url, timeout=args.timeout) as client:
+            return await client.flush()
+
+    try:
+        print(f"flushed: {asyncio.run(call())} vectors written")
+    except TimeoutError:
+        sys.exit("embed-worker: no worker answered the flush (is one running with REDIS_URL set?)")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -112,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a worker (settings from the environment / .env)")
+    run.add_argument("--processes", type=int, default=1, help="worker processes under one supervising parent")
     run.set_defaults(func=_run)
 
     emu = sub.add_parser("emulator", help="run the Gemini-compatible emulator")
@@ -124,7 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     emu.set_defaults(func=_emulator)
 
     emb = sub.add_parser("embed", help="send texts through RabbitMQ and print the vectors' heads")
-    emb.add_argument("texts", nargs="+")
+    emb.add_argument("texts", nargs="*")
+    emb.add_argument("--file", default=None, help="embed every non-empty line of this file")
+    emb.add_argument("--output", default="embeddings.jsonl", help="with --file: .jsonl or .npy")
+    emb.add_argument("--chunk", type=int, default=100, help="with --file: texts per request")
+    emb.add_argument("--concurrency", type=int, default=8, help="with --file: requests in flight")
     emb.add_argument("--url", default=None, help="broker URL (default: AMQP_URL or the local broker)")
     emb.add_argument("--model", default=None)
     emb.add_argument("--task-type", default=None)
@@ -132,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--timeout", type=float, default=30.0)
     emb.add_argument("--json", action="store_true", help="JSON lines output")
     emb.set_defaults(func=_embed)
+
+    flush = sub.add_parser("flush", help="make every worker's deferred lane drain now, and wait for it")
+    flush.add_argument("--url", default=None, help="broker URL (default: AMQP_URL or the local broker)")
+    flush.add_argument("--timeout", type=float, default=300.0)
+    flush.set_defaults(func=_flush)
 
     bench = sub.add_parser("bench", help="run a benchmark scenario against RabbitMQ and the emulator")
     bench.add_argument(

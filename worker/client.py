@@ -30,6 +30,9 @@ from worker.messages import (
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 ROUTING_KEY = "embed.requests"
+EXCHANGE = "embed.requests"
+DEFERRED_KEY = "embed.deferred"
+FLUSH_KEY = "embed.deferred.flush"
 
 
 class EmbedClientError(Exception):
@@ -112,7 +115,31 @@ class EmbedClient:
             raise EmbedClientError(err["code"], err["message"], bool(err.get("retryable")))
         return np.asarray(reply["embeddings"], dtype=np.float32)
 
-    async def request(self, body: bytes, *, timeout: float | None = None) -> AbstractIncomingMessage:
+    async def defer(self, items: list[tuple[str, str]], **options: Any) -> None:
+        """Hand (key, text) pairs to the fire-and-forget lane; vectors land in Redis hashes by key."""
+        assert self._channel is not None, "call connect() first"
+        body: dict[str, Any] = {"items": [{"key": k, "text": t} for k, t in items]}
+        body.update({k: v for k, v in options.items() if v is not None})
+        exchange = await self._channel.get_exchange(EXCHANGE, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                orjson.dumps(body), content_type=JSON_CONTENT_TYPE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            ),
+            routing_key=DEFERRED_KEY,
+        )
+
+    async def flush(self, *, timeout: float | None = None) -> int:
+        """Ask every worker's deferred lane to drain now; returns the vectors the first to answer wrote."""
+        message = await self.request(b"{}", timeout=timeout, routing_key=FLUSH_KEY, exchange=EXCHANGE)
+        reply = orjson.loads(message.body)
+        if "error" in reply:
+            err = reply["error"]
+            raise EmbedClientError(err["code"], err["message"], bool(err.get("retryable")))
+        return int(reply["flushed"])
+
+    async def request(
+        self, body: bytes, *, timeout: float | None = None, routing_key: str = ROUTING_KEY, exchange: str | None = None
+    ) -> AbstractIncomingMessage:
         assert self._channel is not None, "call connect() first"
         timeout = timeout or self._timeout
         async with self._slots:
@@ -127,13 +154,43 @@ class EmbedClient:
                 headers={DEADLINE_HEADER: int((time.time() + timeout) * 1000)},
                 expiration=timeout,
             )
-            exchange = (
-                self._channel.default_exchange
-                if not self._exchange_name
-                else await self._channel.get_exchange(self._exchange_name, ensure=False)
+            name = self._exchange_name if exchange is None else exchange
+            target = (
+                self._channel.default_exchange if not name else await self._channel.get_exchange(name, ensure=False)
             )
             try:
-                await exchange.publish(message, routing_key=ROUTING_KEY)
+                await target.publish(message, routing_key=routing_key)
                 return await asyncio.wait_for(future, timeout)
             finally:
                 self._pending.pop(cid, None)
+
+
+class SyncEmbedClient:
+    """A blocking wrapper for scripts and notebooks: the async client on a private event loop thread."""
+
+    def __init__(self, url: str, **kwargs: Any):
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="embed-client", daemon=True)
+        self._thread.start()
+        self._client = EmbedClient(url, **kwargs)
+        self._call(self._client.connect())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def embed(self, texts: list[str], **kwargs: Any) -> Vectors:
+        result: Vectors = self._call(self._client.embed(texts, **kwargs))
+        return result
+
+    def close(self) -> None:
+        self._call(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def __enter__(self) -> SyncEmbedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

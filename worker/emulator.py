@@ -31,14 +31,13 @@ from typing import Any
 
 import orjson
 
-from worker import limits
+from worker import http, limits
 from worker.vectors import Vector, full_vector
 
 log = logging.getLogger(__name__)
 
 BAD_INPUT_MARKER = "\u0000EMULATOR-BAD-INPUT\u0000"
 _PATH = re.compile(r"^/(?P<version>v1[a-z0-9]*)/models/(?P<model>[^/:]+):(?P<method>batchEmbedContents|embedContent)$")
-_MAX_BODY = 64 * 1024 * 1024
 
 
 @dataclass
@@ -124,17 +123,6 @@ _STATUS_NAMES = {
     500: "INTERNAL",
     503: "UNAVAILABLE",
 }
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    411: "Length Required",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 
 
 @lru_cache(maxsize=100_000)
@@ -149,7 +137,7 @@ class Emulator:
 
     # ---------------------------------------------------------------- server lifecycle
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._server = await asyncio.start_server(self._serve, host, port, backlog=512)
+        self._server = await http.start_server(self._handle, host, port)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def serve_forever(self) -> None:
@@ -164,42 +152,9 @@ class Emulator:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     # ---------------------------------------------------------------- HTTP
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = [*lines[0].split(" ", 2), "", ""][:3]
-                headers = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        name, value = line.split(":", 1)
-                        headers[name.strip().lower()] = value.strip()
-                length = int(headers.get("content-length", "0") or 0)
-                if length > _MAX_BODY:
-                    await self._write(writer, 413, b'{"error":{"code":413,"message":"too large"}}')
-                    return
-                body = await reader.readexactly(length) if length else b""
-                status, payload = await self._dispatch(method, target.split("?", 1)[0], headers, body)
-                await self._write(writer, status, payload)
-                if headers.get("connection", "").lower() == "close":
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            writer.close()
-
-    @staticmethod
-    async def _write(writer: asyncio.StreamWriter, status: int, payload: bytes) -> None:
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
-            f"Content-Type: application/json; charset=UTF-8\r\nContent-Length: {len(payload)}\r\n\r\n"
-        )
-        writer.write(head.encode("latin-1") + payload)
-        await writer.drain()
+    async def _handle(self, request: http.Request) -> http.Response:
+        status, payload = await self._dispatch(request.method, request.path, request.headers, request.body)
+        return http.Response(status, payload)
 
     async def _dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
         if path.startswith("/_emulator/"):

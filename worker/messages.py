@@ -47,6 +47,25 @@ class EmbedRequestBody(BaseModel):
     reply_encoding: Literal["json", "float32"] = "json"
 
 
+class DeferredItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    key: StrictStr
+    text: StrictStr
+
+
+class DeferredRequestBody(BaseModel):
+    """``{"items": [{"key": "doc:1", "text": "..."}, ...]}`` for the fire-and-forget lane."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[DeferredItem]
+    model: StrictStr | None = None
+    task_type: StrictStr | None = None
+    output_dimensionality: StrictInt | None = None
+    truncate: StrictBool = False
+
+
 class EmbedReply(BaseModel):
     embeddings: list[list[float]]
     model: str
@@ -104,6 +123,18 @@ def decode_request(
     limits_: RequestLimits,
 ) -> EmbedRequest:
     """Validate one request. Raises ``InvalidRequest`` with a caller-readable message."""
+    raw = _json_object(body, content_type, limits_)
+    try:
+        parsed = EmbedRequestBody.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidRequest(_describe(exc)) from None
+
+    texts = _texts(parsed, limits_)
+    config = _config(parsed, limits_)
+    return EmbedRequest(texts=texts, config=config, deadline=_deadline(headers), reply_encoding=parsed.reply_encoding)
+
+
+def _json_object(body: bytes, content_type: str | None, limits_: RequestLimits) -> dict[str, Any]:
     if len(body) > limits_.max_body_bytes:
         raise InvalidRequest(f"body is {len(body)} bytes; the limit is {limits_.max_body_bytes}")
     if content_type and content_type.split(";")[0].strip().lower() != JSON_CONTENT_TYPE:
@@ -114,14 +145,7 @@ def decode_request(
         raise InvalidRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidRequest(f"body must be a JSON object, got {type(raw).__name__}")
-    try:
-        parsed = EmbedRequestBody.model_validate(raw)
-    except ValidationError as exc:
-        raise InvalidRequest(_describe(exc)) from None
-
-    texts = _texts(parsed, limits_)
-    config = _config(parsed, limits_)
-    return EmbedRequest(texts=texts, config=config, deadline=_deadline(headers), reply_encoding=parsed.reply_encoding)
+    return raw
 
 
 def _texts(parsed: EmbedRequestBody, limits_: RequestLimits) -> list[str]:
@@ -133,17 +157,21 @@ def _texts(parsed: EmbedRequestBody, limits_: RequestLimits) -> list[str]:
         texts = [parsed.text]
     else:
         raise InvalidRequest('missing "texts" (a list of strings) or "text" (a string)')
+    return _checked_texts(texts, parsed.truncate, limits_, what="texts")
+
+
+def _checked_texts(texts: list[str], truncate: bool, limits_: RequestLimits, *, what: str) -> list[str]:
     if not texts:
-        raise InvalidRequest('"texts" is empty')
+        raise InvalidRequest(f'"{what}" is empty')
     if len(texts) > limits_.max_texts:
-        raise InvalidRequest(f"{len(texts)} texts in one request; the limit is {limits_.max_texts}")
+        raise InvalidRequest(f"{len(texts)} {what} in one request; the limit is {limits_.max_texts}")
     max_chars = limits_.max_tokens_per_text * limits.CHARS_PER_TOKEN
     out = texts
     for i, text in enumerate(texts):
         if not text.strip():
             raise InvalidRequest(f"text {i} is empty")
         if limits.estimate_tokens(text) > limits_.max_tokens_per_text:
-            if not parsed.truncate:
+            if not truncate:
                 raise InvalidRequest(
                     f"text {i} is about {limits.estimate_tokens(text)} tokens; the model takes "
                     f'{limits_.max_tokens_per_text} (send "truncate": true to cut it)'
@@ -154,7 +182,7 @@ def _texts(parsed: EmbedRequestBody, limits_: RequestLimits) -> list[str]:
     return out
 
 
-def _config(parsed: EmbedRequestBody, limits_: RequestLimits) -> EmbedConfig:
+def _config(parsed: EmbedRequestBody | DeferredRequestBody, limits_: RequestLimits) -> EmbedConfig:
     model = parsed.model or limits_.default_model
     model = model.removeprefix("models/")
     if model not in limits_.models:
@@ -172,6 +200,31 @@ def _config(parsed: EmbedRequestBody, limits_: RequestLimits) -> EmbedConfig:
         elif not limits.MIN_OUTPUT_DIMENSIONS <= dims <= full:
             raise InvalidRequest(f"output_dimensionality must be between {limits.MIN_OUTPUT_DIMENSIONS} and {full}")
     return EmbedConfig(model=model, task_type=task_type, output_dimensionality=dims)
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredRequest:
+    keys: list[str]
+    texts: list[str]
+    config: EmbedConfig
+
+
+MAX_KEY_LENGTH = 1024
+
+
+def decode_deferred(body: bytes, *, content_type: str | None, limits_: RequestLimits) -> DeferredRequest:
+    """Validate one fire-and-forget request. Raises ``InvalidRequest``."""
+    raw = _json_object(body, content_type, limits_)
+    try:
+        parsed = DeferredRequestBody.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidRequest(_describe(exc)) from None
+    keys = [item.key for item in parsed.items]
+    for i, key in enumerate(keys):
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise InvalidRequest(f"items.{i}.key must be 1 to {MAX_KEY_LENGTH} characters")
+    texts = _checked_texts([item.text for item in parsed.items], parsed.truncate, limits_, what="items")
+    return DeferredRequest(keys=keys, texts=texts, config=_config(parsed, limits_))
 
 
 def _deadline(headers: Mapping[str, Any] | None) -> float | None:

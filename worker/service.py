@@ -36,6 +36,7 @@ from worker.messages import (
     encode_error,
     encode_vectors,
 )
+from worker.metrics import Metrics
 from worker.upstream import Outcome, UpstreamCaller
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ class EmbedService:
         limits: RequestLimits,
         batching: BatchingConfig,
         reply_to: re.Pattern[str],
+        metrics: Metrics | None = None,
     ):
+        self.metrics = metrics or Metrics()
         self._upstream = upstream
         self._publisher = publisher
         self._limits = limits
@@ -103,18 +106,26 @@ class EmbedService:
     # ------------------------------------------------------------------ one delivery
     async def handle(self, delivery: Delivery) -> None:
         cid = delivery.correlation_id
+        ctx = {"correlation_id": cid}  # structured field for JSON logs
         reply_to = delivery.reply_to
+        self.metrics.requests.inc()
         if not reply_to:
             log.warning(
-                "request without reply_to (correlation_id=%s, message_id=%s): dead-lettering", cid, delivery.message_id
+                "request without reply_to (correlation_id=%s, message_id=%s): dead-lettering",
+                cid,
+                delivery.message_id,
+                extra=ctx,
             )
-            await delivery.reject(requeue=False)
+            await self._dead_letter(delivery, "no_reply_to")
             return
         if not self._reply_to.fullmatch(reply_to):
             log.warning(
-                "reply_to %r is not an allowed reply queue (correlation_id=%s): dead-lettering", reply_to[:200], cid
+                "reply_to %r is not an allowed reply queue (correlation_id=%s): dead-lettering",
+                reply_to[:200],
+                cid,
+                extra=ctx,
             )
-            await delivery.reject(requeue=False)
+            await self._dead_letter(delivery, "reply_to_refused")
             return
 
         try:
@@ -122,9 +133,10 @@ class EmbedService:
                 delivery.body, content_type=delivery.content_type, headers=delivery.headers, limits_=self._limits
             )
         except EmbedError as exc:
-            log.info("invalid request (correlation_id=%s): %s", cid, exc.message)
-            await self._reply(delivery, encode_error(exc), dead_letter=False)
+            log.info("invalid request (correlation_id=%s): %s", cid, exc.message, extra=ctx)
+            await self._reply(delivery, encode_error(exc), code=exc.code)
             return
+        self.metrics.texts.inc(len(request.texts))
 
         try:
             outcomes = await self.batcher.submit(
@@ -135,25 +147,28 @@ class EmbedService:
             await delivery.reject(requeue=True)
             return
         except Exception as exc:
-            log.exception("internal error (correlation_id=%s)", cid)
-            await self._reply(
-                delivery, encode_error(EmbedError(f"internal error: {type(exc).__name__}")), dead_letter=True
-            )
+            log.exception("internal error (correlation_id=%s)", cid, extra=ctx)
+            internal = EmbedError(f"internal error: {type(exc).__name__}")
+            await self._reply(delivery, encode_error(internal), code=internal.code, dead_letter="internal")
             return
 
         error = next((o for o in outcomes if isinstance(o, EmbedError)), None)
         if error is not None:
-            log.info("request failed (correlation_id=%s): %s %s", cid, error.code, error.message)
+            log.info("request failed (correlation_id=%s): %s %s", cid, error.code, error.message, extra=ctx)
             # A transient upstream failure that outlived the retry budget is parked for replay.
             parked = isinstance(error, UpstreamError) and error.retryable
-            await self._reply(delivery, encode_error(error), dead_letter=parked)
+            await self._reply(
+                delivery, encode_error(error), code=error.code, dead_letter="upstream_failed" if parked else None
+            )
             return
-        vectors = np.stack(outcomes)  # type: ignore[arg-type]
+        vectors = np.stack(outcomes)  # type: ignore[arg-type]  # no errors left, checked above
         reply = encode_vectors(vectors, request.config.model, request.reply_encoding)
-        await self._reply(delivery, reply, dead_letter=False)
+        await self._reply(delivery, reply, code="ok")
 
-    async def _reply(self, delivery: Delivery, reply: Reply, *, dead_letter: bool) -> None:
+    async def _reply(self, delivery: Delivery, reply: Reply, *, code: str, dead_letter: str | None = None) -> None:
+        """Publish, then settle: ack, or dead-letter with ``dead_letter`` as the metrics reason."""
         assert delivery.reply_to is not None
+        ctx = {"correlation_id": delivery.correlation_id}
         try:
             await self._publisher.publish_reply(delivery.reply_to, delivery.correlation_id, reply)
         except ReplyUndeliverable:
@@ -161,15 +176,24 @@ class EmbedService:
                 "reply to %s returned: caller is gone (correlation_id=%s)",
                 delivery.reply_to[:200],
                 delivery.correlation_id,
+                extra=ctx,
             )
         except Exception as exc:
-            log.warning("could not publish reply (correlation_id=%s): %r; requeueing", delivery.correlation_id, exc)
+            log.warning(
+                "could not publish reply (correlation_id=%s): %r; requeueing", delivery.correlation_id, exc, extra=ctx
+            )
             await delivery.reject(requeue=True)
             return
+        else:
+            self.metrics.replies.labels("ok" if code == "ok" else "error", str(code)).inc()
         if dead_letter:
-            await delivery.reject(requeue=False)
+            await self._dead_letter(delivery, dead_letter)
         else:
             await delivery.ack()
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self.metrics.dead_lettered.labels(reason).inc()
+        await delivery.reject(requeue=False)
 
     # ------------------------------------------------------------------ one batch
     async def _embed_batch(self, config: EmbedConfig, items: list[_Item]) -> list[Outcome]:
@@ -188,8 +212,9 @@ class EmbedService:
                 outcomes[i] = result
         return outcomes  # type: ignore[return-value]
 
-    @staticmethod
-    def _log_batch(stats: BatchStats) -> None:
+    def _log_batch(self, stats: BatchStats) -> None:
+        self.metrics.batch_size.observe(stats.size)
+        self.metrics.batch_wait.observe(stats.waited)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "batch %s: %d texts, flushed on %s after %.1f ms, upstream %.1f ms%s",

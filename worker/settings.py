@@ -64,6 +64,21 @@ class Settings(BaseSettings):
     max_tokens_per_text: int = Field(default=limits.MAX_TOKENS_PER_TEXT, ge=1)
     reply_to_pattern: str | None = None
 
+    # --- deferred lane (fire-and-forget, vectors into Redis); on when REDIS_URL is set ---
+    redis_url: SecretStr | None = None
+    deferred_enabled: bool = True
+    deferred_batch_max_size: int = Field(default=limits.MAX_TEXTS_PER_CALL, ge=1, le=limits.MAX_TEXTS_PER_CALL)
+    deferred_max_concurrent_batches: int = Field(default=2, ge=1)
+    deferred_flush_interval_s: float = Field(default=300.0, gt=0)
+    deferred_max_messages: int = Field(default=1000, ge=1)
+    deferred_wake_messages: int = Field(default=1000, ge=0)
+    deferred_poll_s: float = Field(default=5.0, gt=0)
+    deferred_skip_unchanged: bool = True
+
+    # --- observability ---
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)  # /metrics, /healthz, /readyz; unset = off
+    metrics_host: str = "0.0.0.0"
+
     # --- process ---
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     log_level: str = "INFO"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from worker.embedders.base import Embedder
 from worker.errors import EmbedError, InvalidRequest, RateLimited, UpstreamError, UpstreamInvalidInput
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.messages import EmbedConfig, Vectors
+from worker.metrics import Metrics
 from worker.vectors import Vector
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,9 @@ class UpstreamCaller:
         rate_limiter: RateLimiter | None = None,
         concurrency: AdaptiveConcurrency | None = None,
         breaker: CircuitBreaker | None = None,
+        metrics: Metrics | None = None,
     ):
+        self.metrics = metrics or Metrics()
         self._embedder = embedder
         self._policy = policy or RetryPolicy()
         self._sleep = sleep
@@ -68,8 +72,10 @@ class UpstreamCaller:
             try:
                 vectors = await self._call(texts, config)
             except UpstreamInvalidInput as exc:
+                self.metrics.upstream_errors.labels(str(exc.status)).inc()
                 return await self._isolate(texts, config, exc)
             except RateLimited as exc:
+                self.metrics.upstream_errors.labels("429").inc()
                 if self._concurrency is not None:
                     self._concurrency.on_rate_limited()
                 self._failed()
@@ -77,6 +83,7 @@ class UpstreamCaller:
                     return [exc] * len(texts)
                 await self._backoff(attempt, exc)
             except UpstreamError as exc:
+                self.metrics.upstream_errors.labels(str(exc.status or "none")).inc()
                 if exc.transient:
                     self._failed()
                 if not exc.transient or attempt >= self._policy.max_attempts:
@@ -92,17 +99,29 @@ class UpstreamCaller:
     async def _call(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
         await self._rate.acquire(sum(limits.estimate_tokens(t) for t in texts))
         if self._concurrency is None:
-            return await self._embedder.embed(texts, config)
+            return await self._timed(texts, config)
         async with self._concurrency:
+            return await self._timed(texts, config)
+
+    async def _timed(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
+        started = time.perf_counter()
+        try:
             return await self._embedder.embed(texts, config)
+        finally:
+            self.metrics.upstream_latency.observe(time.perf_counter() - started)
 
     def _failed(self) -> None:
         if self.breaker is not None:
             self.breaker.failure()
 
+    async def embed_batch(self, config: EmbedConfig, texts: list[str]) -> list[Outcome]:
+        """``embed`` in the batcher's (key, items) order."""
+        return await self.embed(texts, config)
+
     async def _backoff(self, attempt: int, exc: UpstreamError) -> None:
         delay = self._policy.delay(attempt, exc.retry_after, self._rng)
         self.retries += 1
+        self.metrics.retries.inc()
         log.warning("upstream %s (attempt %d); retrying in %.2fs", exc.message, attempt, delay)
         await self._sleep(delay)
 

@@ -10,10 +10,12 @@ from worker.bench.procs import ManagedProcess
 
 class WorkerProcess(ManagedProcess):
     def __init__(self, env: dict[str, str]):
-        # Start from a clean slate: the test's own environment must not leak worker settings in.
-        clean = {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "AMQP_", "BATCH_"))}
-        clean.update(env)
-        super().__init__(["-m", "worker", "run"], clean, inherit_env=False)
+        super().__init__(["-m", "worker", "run"], {**self.clean_env(), **env}, inherit_env=False)
+
+    @staticmethod
+    def clean_env() -> dict[str, str]:
+        """The test's environment without worker settings, so none leak into a child."""
+        return {k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "AMQP_", "BATCH_"))}
 
 
 def worker_env(amqp_url: str, base_url: str, **extra: Any) -> dict[str, str]:

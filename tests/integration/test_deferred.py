@@ -1,0 +1,218 @@
+"""The fire-and-forget lane against real RabbitMQ, real Redis and the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from tests.e2e.processes import WorkerProcess, worker_env
+from tests.integration.helpers import get_one, queue_depth, wait_until
+from worker.client import EmbedClient, EmbedClientError
+from worker.emulator import BAD_INPUT_MARKER, EmulatorState, EmulatorThread
+from worker.vectors import expected_vector
+
+pytestmark = pytest.mark.integration
+
+SLOW = {"deferred_flush_interval_s": 3600, "deferred_wake_messages": 0}  # only flush requests wake the lane
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:8]}:"
+
+
+async def stored(redis_url: str, key: str) -> dict[bytes, bytes]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return await client.hgetall(key)  # type: ignore[no-any-return]
+    finally:
+        await client.aclose()
+
+
+def check_vector(fields: dict[bytes, bytes], text: str, dims: int | None = None) -> None:
+    full = 3072
+    got = np.frombuffer(fields[b"embedding"], dtype="<f4")
+    want = expected_vector(
+        text, model="gemini-embedding-001", task_type="RETRIEVAL_DOCUMENT", dims=dims, full_dims=full
+    )
+    assert got.shape == want.shape and np.allclose(got, want, atol=1e-6), f"wrong vector for {text!r}"
+    assert fields[b"embedding_model"] == b"gemini-embedding-001"
+    assert int(fields[b"embedding_dimensions"]) == (dims or full)
+
+
+async def test_vectors_land_in_the_right_hashes_and_duplicates_cost_nothing(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker(redis_url=redis_url, **SLOW)
+    seed = aioredis.Redis.from_url(redis_url)
+    await seed.hset(f"{prefix}doc:0", mapping={"title": "keep me"})
+    await seed.aclose()
+    items = [(f"{prefix}doc:{i}", f"document {i}") for i in range(150)]
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer(items[:100], task_type="RETRIEVAL_DOCUMENT", output_dimensionality=768)
+        await client.defer(items[100:], task_type="RETRIEVAL_DOCUMENT", output_dimensionality=768)
+        # duplicates: a pending key again (latest text wins), and the same text under new keys
+        await client.defer(
+            [(f"{prefix}doc:5", "document 5 revised")], task_type="RETRIEVAL_DOCUMENT", output_dimensionality=768
+        )
+        await client.defer(
+            [(f"{prefix}copy:{i}", "document 7") for i in range(3)],
+            task_type="RETRIEVAL_DOCUMENT",
+            output_dimensionality=768,
+        )
+        written = await client.flush()
+    assert written == 153
+    # 150 distinct texts: doc 5 once (its revised text), and the 3 copies share doc 7's text and slot
+    assert emulator_state.texts == 150
+    for key, text in items:
+        fields = await stored(redis_url, key)
+        check_vector(fields, "document 5 revised" if key.endswith("doc:5") else text, dims=768)
+    for i in range(3):
+        check_vector(await stored(redis_url, f"{prefix}copy:{i}"), "document 7", dims=768)
+    assert (await stored(redis_url, f"{prefix}doc:0"))[b"title"] == b"keep me"
+    assert await queue_depth(vhost, "embed.deferred") == 0
+
+
+async def test_unchanged_keys_are_skipped_on_the_next_flush(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker(redis_url=redis_url, **SLOW)
+    items = [(f"{prefix}k{i}", f"stable {i}") for i in range(10)]
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer(items, task_type="RETRIEVAL_DOCUMENT")
+        assert await client.flush() == 10
+        calls = emulator_state.calls
+        await client.defer([*items[:5], (f"{prefix}k9", "changed 9")], task_type="RETRIEVAL_DOCUMENT")
+        assert await client.flush() == 1
+    assert emulator_state.calls == calls + 1 and emulator_state.texts == 11
+    check_vector(await stored(redis_url, f"{prefix}k9"), "changed 9")
+
+
+async def test_poison_messages_are_dead_lettered_and_the_rest_written(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str
+) -> None:
+    await start_worker(redis_url=redis_url, **SLOW)
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer([(f"{prefix}good", "fine text")], task_type="RETRIEVAL_DOCUMENT")
+        await client.defer([(f"{prefix}bad", f"poison {BAD_INPUT_MARKER}")], task_type="RETRIEVAL_DOCUMENT")
+        await client.defer([], task_type="RETRIEVAL_DOCUMENT")  # invalid: no items
+        assert await client.flush() == 1
+    check_vector(await stored(redis_url, f"{prefix}good"), "fine text")
+    assert await stored(redis_url, f"{prefix}bad") == {}
+    parked = {(await get_one(vhost, "embed.deferred.dlq")).body for _ in range(2)}
+    assert any(b"poison" in body for body in parked) and any(b'"items":[]' in body for body in parked)
+
+
+async def test_the_interval_flushes_without_being_asked(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str
+) -> None:
+    await start_worker(redis_url=redis_url, deferred_flush_interval_s=0.3, deferred_wake_messages=0)
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer([(f"{prefix}timed", "on a timer")], task_type="RETRIEVAL_DOCUMENT")
+    for _ in range(100):
+        if await stored(redis_url, f"{prefix}timed"):
+            break
+        await asyncio.sleep(0.05)
+    check_vector(await stored(redis_url, f"{prefix}timed"), "on a timer")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[str, Any]]:
+    """A Redis of our own that the test can stop and start again (for the outage test)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed here")  # .ci/run installs it
+    port = _free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                import time
+
+                time.sleep(0.05)
+        raise RuntimeError("redis did not start")
+
+    def stop() -> None:
+        procs[-1].terminate()
+        procs[-1].wait(10)
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", (start, stop)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            p.wait(10)
+
+
+async def test_redis_outage_parks_work_and_recovers(
+    start_worker: Any, vhost: str, private_redis: tuple[str, Any], prefix: str
+) -> None:
+    url, (start, stop) = private_redis
+    await start_worker(redis_url=url, **SLOW)
+    stop()
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer(
+            [(f"{prefix}a", "survives the outage"), (f"{prefix}b", "so do I")], task_type="RETRIEVAL_DOCUMENT"
+        )
+        with pytest.raises(EmbedClientError) as info:
+            await client.flush()
+        assert info.value.code == "store_unavailable" and info.value.retryable
+        await wait_until(lambda: queue_depth(vhost, "embed.deferred"), 1)  # back in the queue, unacked none
+        start()
+        # the lane notices Redis is back and drains on its own
+        for _ in range(200):
+            if await stored(url, f"{prefix}b"):
+                break
+            await asyncio.sleep(0.05)
+    check_vector(await stored(url, f"{prefix}a"), "survives the outage")
+    check_vector(await stored(url, f"{prefix}b"), "so do I")
+
+
+async def test_worker_killed_before_the_write_loses_nothing(
+    vhost: str, emulator: EmulatorThread, emulator_state: EmulatorState, redis_url: str, prefix: str
+) -> None:
+    emulator_state.latency_ms = 1500  # the round is mid-upstream-call when the worker dies
+    env = worker_env(
+        vhost, emulator.base_url, redis_url=redis_url, deferred_flush_interval_s=3600, deferred_wake_messages=0
+    )
+    victim = WorkerProcess(env)
+    try:
+        await asyncio.to_thread(victim.wait_for_line, "ready:")
+        items = [(f"{prefix}kill:{i}", f"killed text {i}") for i in range(20)]
+        async with EmbedClient(vhost, timeout=30) as client:
+            await client.defer(items, task_type="RETRIEVAL_DOCUMENT")
+            flushing = asyncio.create_task(client.flush())
+            await wait_until(lambda: queue_depth(vhost, "embed.deferred"), 0)  # the round took it
+            victim.kill()
+            flushing.cancel()
+            emulator_state.latency_ms = 0
+            survivor = WorkerProcess(env)
+            try:
+                await asyncio.to_thread(survivor.wait_for_line, "ready:")
+                assert await client.flush() == 20
+            finally:
+                survivor.stop()
+    finally:
+        victim.kill()
+    for key, text in items:
+        check_vector(await stored(redis_url, key), text)

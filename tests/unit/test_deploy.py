@@ -1,0 +1,89 @@
+"""Deployment files: Kubernetes manifests validated offline against the API schemas, compose parsed,
+and the cross-references between them and the worker's settings checked."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+CORE_KINDS = {"Namespace", "ConfigMap", "Secret", "Deployment", "PodDisruptionBudget"}
+
+
+def documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def by_kind(kind: str) -> dict[str, Any]:
+    return next(d for d in documents() if d["kind"] == kind)
+
+
+@pytest.mark.parametrize("doc", [d for d in documents() if d["kind"] in CORE_KINDS], ids=lambda d: d["kind"])
+def test_core_manifests_validate_against_the_kubernetes_schema(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+def test_custom_resources_have_what_their_operators_need() -> None:
+    scaled = by_kind("ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == by_kind("Deployment")["metadata"]["name"]
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "rabbitmq" and trigger["metadata"]["queueName"] == "embed.requests"
+    assert trigger["metadata"]["protocol"] == "http"  # management API: unacked messages count
+    auth = by_kind("TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    secret = by_kind("Secret")
+    assert all(ref["key"] in secret["stringData"] for ref in auth["spec"]["secretTargetRef"])
+    cluster = by_kind("RabbitmqCluster")
+    assert cluster["apiVersion"] == "rabbitmq.com/v1beta1" and cluster["spec"]["replicas"] >= 3
+    assert "default_queue_type = quorum" in cluster["spec"]["rabbitmq"]["additionalConfig"]
+
+
+def test_deployment_probes_grace_and_settings_agree_with_the_worker() -> None:
+    config = by_kind("ConfigMap")["data"]
+    secret = by_kind("Secret")["stringData"]
+    fields = {name.upper() for name in Settings.model_fields}
+    unknown = {k for k in {**config, **secret} if k not in fields and k != "RABBITMQ_MANAGEMENT_URL"}
+    assert not unknown, f"settings the worker does not read: {unknown}"
+    pod = by_kind("Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > float(config["SHUTDOWN_GRACE_S"])
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["ports"][0]["containerPort"] == int(config["METRICS_PORT"])
+    Settings(_env_file=None, **{k.lower(): v for k, v in config.items()}, gemini_api_key="x")  # type: ignore[call-arg]
+
+
+def test_compose_file_parses_and_workers_wait_for_a_healthy_broker() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["rabbitmq"]["healthcheck"]["test"]
+    worker = services["worker"]
+    assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert worker["deploy"]["replicas"] >= 2
+    assert services["emulator"]["profiles"] == ["emulator"]
+    assert worker["healthcheck"]["test"]
+
+
+def test_grafana_dashboard_uses_only_metrics_the_worker_exports() -> None:
+    from worker.metrics import Metrics
+
+    exported = {m.name for m in Metrics().registry.collect()}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "embed-worker.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"embed_[a-z_]+", expr)}
+    for name in used:
+        base = name.removesuffix("_total").removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+        assert base in exported, f"dashboard uses {name}, not exported"
