@@ -126,6 +126,8 @@ def _bench(args: argparse.Namespace) -> None:
         rates=args.rates,
         rate_seconds=args.rate_seconds,
         progress=not args.no_progress,
+        prefetch=args.prefetch,
+        worker_env=dict(item.split("=", 1) for item in args.set),
     )
     bench_main(names, config, Path(args.out), plot=not args.no_plot)
 
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=100)
     bench.add_argument("--max-wait-ms", type=float, default=50)
     bench.add_argument("--concurrency", type=int, default=4)
+    bench.add_argument("--prefetch", type=int, default=None, help="worker PREFETCH_COUNT (default: its own)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra worker setting")
     bench.add_argument("--rates", type=float, nargs="+", default=[5, 50, 200, 500, 1000, 2000])
     bench.add_argument("--rate-seconds", type=float, default=3.0, help="seconds of load per latency rate")
     bench.add_argument("--out", default="bench-results", help="folder for JSON results and PNG plots")

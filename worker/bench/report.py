@@ -44,6 +44,10 @@ def table(name: str, result: dict[str, Any]) -> str:
             f"lone request: p50 {lone['p50_ms']} ms (target <= {lone['p50_target_ms']} ms), "
             f"p99 {lone['p99_ms']} ms (target <= {lone['p99_target_ms']} ms)"
         )
+        lines.append(
+            f"echo worker at the same rate: p50 {lone['echo_p50_ms']} ms, p99 {lone['echo_p99_ms']} ms; the worker "
+            f"adds {lone['added_p50_ms']} ms at p50 beyond BATCH_MAX_WAIT_MS and the echo round trip"
+        )
         return "\n".join(lines)
     lines.append(f"{'run':<34} {'req/s':>9} {'texts/s':>9} {'calls':>7} {'batch':>7} {'RSS MB':>8} {'s':>7}")
     for r in result["runs"]:

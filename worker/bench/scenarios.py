@@ -38,7 +38,8 @@ class BenchConfig:
     rates: list[float] = field(default_factory=lambda: [5, 50, 200, 500, 1000, 2000])
     rate_seconds: float = 3.0
     progress: bool = True
-    reply_encoding: str | None = None
+    prefetch: int | None = None  # None: the worker's own default
+    worker_env: dict[str, str] = field(default_factory=dict)  # extra worker settings (--set KEY=VALUE)
 
 
 class Bench:
@@ -68,6 +69,10 @@ class Bench:
         with urllib.request.urlopen(request, timeout=10) as response:
             result: dict[str, Any] = orjson.loads(response.read())
             return result
+
+    @property
+    def queue_type(self) -> str:
+        return self.config.worker_env.get("QUEUE_TYPE", "quorum")
 
     @contextlib.asynccontextmanager
     async def vhost(self) -> AsyncIterator[str]:
@@ -101,6 +106,9 @@ class Bench:
             "LOG_LEVEL": "INFO",
             "BREAKER_FAILURES": "0",
         }
+        if c.prefetch:
+            env["PREFETCH_COUNT"] = str(c.prefetch)
+        env.update(c.worker_env)
         env.update({k.upper(): str(v) for k, v in settings.items()})
         return ManagedProcess(["-m", "worker", "run"], env)
 
@@ -129,7 +137,7 @@ class Bench:
         self.emulator_call("/_emulator/reset")
         self.emulator_call("/_emulator/config", {"latency_ms": latency_ms})
         async with self.vhost() as url:
-            transport = AmqpTransport(AmqpConfig(url=url, prefetch=1))
+            transport = AmqpTransport(AmqpConfig(url=url, prefetch=1, queue_type=self.queue_type))
             await transport.connect()  # the worker's own topology, declared before the load
             await transport.close()
             async with Driver(url, reply_encoding=reply_encoding) as driver:
@@ -174,40 +182,46 @@ class Bench:
         }
 
     # ------------------------------------------------------------------ open-loop latency
-    async def latency(self, *, latency_ms: float = 0) -> list[dict[str, Any]]:
+    async def latency(self, target: str = "worker", *, rates: list[float] | None = None) -> list[dict[str, Any]]:
+        """Open-loop arrivals at each rate; reply latency percentiles and mean batch per rate."""
         c = self.config
         self.emulator_call("/_emulator/reset")
-        self.emulator_call("/_emulator/config", {"latency_ms": latency_ms})
         rows = []
         async with self.vhost() as url:
-            proc = self.start("worker", url)
+            if target == "echo":  # the echo worker declares nothing: give it the worker's topology
+                transport = AmqpTransport(AmqpConfig(url=url, prefetch=1, queue_type=self.queue_type))
+                await transport.connect()
+                await transport.close()
+            proc = self.start(target, url)
             try:
                 await asyncio.to_thread(proc.wait_for_line, "ready:", 60)
                 async with Driver(url, sample_every=10) as driver:
-                    for rate in c.rates:
-                        count = max(20, int(rate * c.rate_seconds))
-                        self.emulator_call("/_emulator/stats/reset")
-                        before = set(driver.sent)
-                        await driver.open_loop(rate, count, model=SMALL, dims=None, prefix=f"rate {rate}")
-                        await driver.wait_for(len(driver.sent), timeout=60)
-                        stats = self.emulator_call("/_emulator/stats")
-                        cids = [cid for cid in driver.sent if cid not in before]
-                        lat = driver.latencies_ms(cids)
-                        rows.append(
-                            {
-                                "rate_per_s": rate,
-                                "requests": count,
-                                "p50_ms": round(float(np.percentile(lat, 50)), 2),
-                                "p95_ms": round(float(np.percentile(lat, 95)), 2),
-                                "p99_ms": round(float(np.percentile(lat, 99)), 2),
-                                "mean_batch": round(stats["texts"] / max(1, stats["calls"]), 2),
-                                "batch_fill": round(stats["texts"] / max(1, stats["calls"]) / c.batch_size, 3),
-                            }
-                        )
-                    driver.check_sample(model=SMALL, dims=None)
+                    for rate in rates or c.rates:
+                        rows.append(await self._one_rate(driver, rate))
+                    driver.check_sample(model=SMALL, dims=None, echo=target == "echo")
             finally:
                 proc.stop(10)
         return rows
+
+    async def _one_rate(self, driver: Driver, rate: float) -> dict[str, Any]:
+        c = self.config
+        count = max(20, int(rate * c.rate_seconds))
+        self.emulator_call("/_emulator/stats/reset")
+        before = set(driver.sent)
+        await driver.open_loop(rate, count, model=SMALL, dims=None, prefix=f"rate {rate}")
+        await driver.wait_for(len(driver.sent), timeout=60)
+        stats = self.emulator_call("/_emulator/stats")
+        lat = driver.latencies_ms([cid for cid in driver.sent if cid not in before])
+        mean_batch = stats["texts"] / stats["calls"] if stats["calls"] else 0.0
+        return {
+            "rate_per_s": rate,
+            "requests": count,
+            "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p95_ms": round(float(np.percentile(lat, 95)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "mean_batch": round(mean_batch, 2),
+            "batch_fill": round(mean_batch / c.batch_size, 3),
+        }
 
 
 def _ctl(args: list[str]) -> None:
@@ -306,17 +320,24 @@ async def scenario_memory(bench: Bench) -> dict[str, Any]:
 
 
 async def scenario_latency(bench: Bench) -> dict[str, Any]:
+    """The size/timeout trade-off, and a lone request's latency against the echo worker's at the same rate:
+    the echo figure is what the broker and this machine's process wake-ups cost before any batching."""
     c = bench.config
-    rows = await bench.latency()
+    echo = (await bench.latency("echo", rates=c.rates[:1]))[0]
+    rows = await bench.latency("worker")
     lone = rows[0]
     return {
         "rows": rows,
+        "echo_lone": echo,
         "settings": {"batch_size": c.batch_size, "max_wait_ms": c.max_wait_ms, "concurrency": c.concurrency},
         "lone_request": {
             "p50_ms": lone["p50_ms"],
             "p99_ms": lone["p99_ms"],
             "p50_target_ms": c.max_wait_ms + 5,
             "p99_target_ms": c.max_wait_ms + 15,
+            "echo_p50_ms": echo["p50_ms"],
+            "echo_p99_ms": echo["p99_ms"],
+            "added_p50_ms": round(lone["p50_ms"] - c.max_wait_ms - echo["p50_ms"], 2),
         },
     }
 
