@@ -22,6 +22,7 @@ class ManagedProcess:
         full_env.update(env or {})
         self.proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
+        self.line_times: list[float] = []  # perf_counter when each line was read
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -34,6 +35,7 @@ class ManagedProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             with self._cond:
+                self.line_times.append(time.perf_counter())
                 self.lines.append(line)
                 self._cond.notify_all()
         with self._cond:
@@ -50,6 +52,11 @@ class ManagedProcess:
                 if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
                     raise AssertionError(f"no line containing {fragment!r}; output:\n{''.join(self.lines)}")
                 self._cond.wait(remaining)
+
+    def line_time(self, fragment: str) -> float:
+        """When the first line containing ``fragment`` was read (after ``wait_for_line`` found it)."""
+        with self._cond:
+            return next(t for line, t in zip(self.lines, self.line_times, strict=True) if fragment in line)
 
     @property
     def output(self) -> str:

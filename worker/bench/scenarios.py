@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
-import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -153,8 +152,10 @@ class Bench:
                 procs = [self.start(target, url, **settings) for _ in range(processes)]
                 try:
                     await asyncio.gather(*(asyncio.to_thread(p.wait_for_line, "ready:", 60) for p in procs))
-                    started = time.perf_counter()
                     await driver.wait_for(n, timeout=max(120.0, n / 50))
+                    # The clock starts when the first process said it consumes (it prints that right after
+                    # basic.consume), or at the first reply if our reader thread saw the line late.
+                    started = min([p.line_time("ready:") for p in procs] + [min(driver.received.values())])
                     finished = max(driver.received.values())
                     rss = [p.peak_rss_mb() or 0.0 for p in procs]
                 finally:

@@ -1,0 +1,49 @@
+"""Every benchmark scenario at smoke size: the harness starts what it needs, checks a sample of
+replies for the right vector, and writes its JSON, plot and table. Correctness only: no figure here
+is compared with a threshold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import Broker
+from worker.bench.report import run, table
+from worker.bench.scenarios import SCENARIOS, BenchConfig
+
+pytestmark = pytest.mark.integration
+
+
+async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -> None:
+    config = BenchConfig(
+        amqp_url=broker.url,
+        requests=120,
+        batch_size=10,
+        max_wait_ms=20,
+        concurrency=2,
+        rates=[20, 100],
+        rate_seconds=0.5,
+        progress=False,
+    )
+    results = await run(list(SCENARIOS), config, tmp_path, plot=True)
+    assert set(results) == set(SCENARIOS)
+    for name, result in results.items():
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+        assert orjson.loads((tmp_path / f"{name}.json").read_bytes())["scenario"] == name
+        assert name in table(name, result)
+        if name == "latency":
+            assert [r["rate_per_s"] for r in result["rows"]] == [20, 100]
+            assert all(r["p50_ms"] > 0 and r["mean_batch"] >= 1 for r in result["rows"])
+            assert result["echo_lone"]["p50_ms"] > 0
+            continue
+        for r in result["runs"]:
+            assert r["seconds"] > 0 and r["texts_per_s"] > 0
+            assert r["replies_checked"] >= 1  # sampled replies were checked vector by vector
+            if r["target"] == "worker":
+                assert r["upstream_calls"] >= r["requests"] / config.batch_size
+            if r["target"] == "naive":
+                assert r["upstream_calls"] == r["requests"]  # one call per message, by construction
+        assert result["ratios"]
+    assert {r["processes"] for r in results["scale"]["runs"]} == {1, 2, 4}
