@@ -150,7 +150,8 @@ async def start_worker(vhost: str, emulator: EmulatorThread) -> AsyncIterator[Ca
     running: list[RunningWorker] = []
 
     async def start(**overrides: Any) -> RunningWorker:
-        settings = worker_settings(vhost, emulator.base_url, **overrides)
+        url = overrides.pop("amqp_url", vhost)  # a test may connect as another user
+        settings = worker_settings(url, emulator.base_url, **overrides)
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(run_worker(settings, stop=stop, ready=ready))
         ready_wait = asyncio.create_task(ready.wait())

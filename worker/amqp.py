@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -278,9 +281,13 @@ class AmqpTransport:
         return int(queue.declaration_result.message_count or 0)
 
     async def consume_flush_requests(self, on_flush: Callable[[Delivery], None]) -> None:
-        """A server-named queue per worker bound to ``embed.deferred.flush``: every worker hears it."""
+        """A private queue per worker bound to ``embed.deferred.flush``: every worker hears it.
+
+        Named ``embed.deferred.flush.<host>.<pid>.<random>`` (not server-named) so that a worker user whose
+        permissions cover only ``embed.*`` may declare it."""
         channel = await self._deferred()
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        name = f"{FLUSH_KEY}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
         await queue.bind(EXCHANGE, routing_key=FLUSH_KEY)
 
         async def on_message(message: AbstractIncomingMessage) -> None:

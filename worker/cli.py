@@ -127,6 +127,7 @@ def _bench(args: argparse.Namespace) -> None:
         rate_seconds=args.rate_seconds,
         progress=not args.no_progress,
         prefetch=args.prefetch,
+        repeat=args.repeat,
         worker_env=dict(item.split("=", 1) for item in args.set),
     )
     bench_main(names, config, Path(args.out), plot=not args.no_plot)
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=100)
     bench.add_argument("--max-wait-ms", type=float, default=50)
     bench.add_argument("--concurrency", type=int, default=4)
+    bench.add_argument("--repeat", type=int, default=3, help="rounds of paired runs (ratios: median of rounds)")
     bench.add_argument("--prefetch", type=int, default=None, help="worker PREFETCH_COUNT (default: its own)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra worker setting")
     bench.add_argument("--rates", type=float, nargs="+", default=[5, 50, 200, 500, 1000, 2000])

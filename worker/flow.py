@@ -14,21 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 log = logging.getLogger(__name__)
 
 
 class _Bucket:
-    def __init__(self, per_minute: float):
+    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic):
         self.rate = per_minute / 60.0
         self.capacity = per_minute
         self.level = per_minute
-        self.stamp = time.monotonic()
+        self._clock = clock
+        self.stamp = clock()
 
     def wait_time(self, amount: float) -> float:
-        now = time.monotonic()
+        now = self._clock()
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
         amount = min(amount, self.capacity)  # a single call larger than the budget waits for a full bucket
@@ -36,9 +37,17 @@ class _Bucket:
 
 
 class RateLimiter:
-    def __init__(self, requests_per_minute: float = 0, tokens_per_minute: float = 0):
-        self._requests = _Bucket(requests_per_minute) if requests_per_minute > 0 else None
-        self._tokens = _Bucket(tokens_per_minute) if tokens_per_minute > 0 else None
+    def __init__(
+        self,
+        requests_per_minute: float = 0,
+        tokens_per_minute: float = 0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        self._requests = _Bucket(requests_per_minute, clock) if requests_per_minute > 0 else None
+        self._tokens = _Bucket(tokens_per_minute, clock) if tokens_per_minute > 0 else None
+        self._sleep = sleep
         self._lock = asyncio.Lock()
         self.waited = 0.0
 
@@ -54,7 +63,7 @@ class RateLimiter:
                 if wait <= 0:
                     break
                 self.waited += wait
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
             if self._requests:
                 self._requests.level -= 1
             if self._tokens:

@@ -11,11 +11,12 @@ import pytest
 
 from tests.conftest import Broker
 from worker.bench.report import run, table
-from worker.bench.scenarios import SCENARIOS, BenchConfig
+from worker.bench.scenarios import SCENARIOS, BenchConfig, _ratio, _summary
 
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(300)
 async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -> None:
     config = BenchConfig(
         amqp_url=broker.url,
@@ -26,6 +27,7 @@ async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -
         rates=[20, 100],
         rate_seconds=0.5,
         progress=False,
+        repeat=1,  # the paired-rounds arithmetic is tested on its own below
     )
     results = await run(list(SCENARIOS), config, tmp_path, plot=True)
     assert set(results) == set(SCENARIOS)
@@ -46,4 +48,26 @@ async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -
             if r["target"] == "naive":
                 assert r["upstream_calls"] == r["requests"]  # one call per message, by construction
         assert result["ratios"]
+        for ratio in result["ratios"].values():
+            assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert all(len(runs) == 1 for runs in result["all_runs"].values())
     assert {r["processes"] for r in results["scale"]["runs"]} == {1, 2, 4}
+
+
+def test_rounds_give_median_ratios_and_the_median_run() -> None:
+    results = {
+        "a": [
+            {"texts_per_s": 100.0, "label": "a1"},
+            {"texts_per_s": 300.0, "label": "a2"},
+            {"texts_per_s": 200.0, "label": "a3"},
+        ],
+        "b": [
+            {"texts_per_s": 100.0, "label": "b1"},
+            {"texts_per_s": 100.0, "label": "b2"},
+            {"texts_per_s": 400.0, "label": "b3"},
+        ],
+    }
+    ratio = _ratio(results, "a", "b")
+    assert ratio == {"median": 1.0, "min": 0.5, "max": 3.0}  # pairwise 1.0, 3.0, 0.5: not mean(a)/mean(b)
+    summary = _summary(results, {"a / b": ratio})
+    assert [r["label"] for r in summary["runs"]] == ["a3", "b2"]

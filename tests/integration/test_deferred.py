@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -216,3 +217,35 @@ async def test_worker_killed_before_the_write_loses_nothing(
         victim.kill()
     for key, text in items:
         check_vector(await stored(redis_url, key), text)
+
+
+async def test_example_ingestion_script(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, tmp_path: Any
+) -> None:
+    await start_worker(redis_url=redis_url, **SLOW)
+    source = tmp_path / "docs.txt"
+    source.write_text("first document\nsecond document\n\nthird document\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "examples/ingest.py",
+        str(source),
+        "--prefix",
+        prefix,
+        "--amqp",
+        vhost,
+        "--redis",
+        redis_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "3 items handed over; this flush wrote 3 vectors" in out.decode()
+    for i, text in enumerate(["first document", "second document", "third document"]):
+        fields = await stored(redis_url, f"{prefix}{i}")
+        assert fields[b"text"] == text.encode()
+        got = np.frombuffer(fields[b"embedding"], dtype="<f4")
+        want = expected_vector(
+            text, model="gemini-embedding-001", task_type="RETRIEVAL_DOCUMENT", dims=768, full_dims=3072
+        )
+        assert np.allclose(got, want, atol=1e-6)

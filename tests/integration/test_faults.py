@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import aio_pika
@@ -11,6 +12,7 @@ import orjson
 import pytest
 
 from tests.integration.helpers import RawCaller, assert_right_vectors, consumers, get_one, queue_depth, wait_until
+from worker.client import EmbedClient
 from worker.emulator import BAD_INPUT_MARKER, EmulatorState, Fault
 
 pytestmark = pytest.mark.integration
@@ -201,3 +203,33 @@ async def test_sustained_upstream_failure_pauses_consuming_and_resumes_on_recove
     for text, reply in zip(texts, replies, strict=True):
         if "error" not in reply:
             assert_right_vectors(reply, [text])
+
+
+async def test_worker_runs_as_a_least_privilege_user(
+    broker: Any, start_worker: Any, vhost: str, redis_url: str
+) -> None:
+    """The permissions the README's hardening section gives are enough for both lanes."""
+    vhost_name = vhost.rsplit("/", 1)[1]
+    user, password = f"least-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    broker.ctl(["add_user", user, password])
+    try:
+        broker.ctl(
+            [
+                "set_permissions",
+                "-p",
+                vhost_name,
+                user,
+                r"^(embed\..*|amq\.gen-.*)$",
+                r"^(embed\..*|amq\.gen-.*|amq\.default)$",
+                r"^(embed\..*|amq\.gen-.*)$",
+            ]
+        )
+        url = vhost.replace("guest:guest@", f"{user}:{password}@")
+        await start_worker(amqp_url=url, redis_url=redis_url, deferred_flush_interval_s=3600, deferred_wake_messages=0)
+        async with RawCaller(vhost) as caller:
+            assert_right_vectors(await caller.call({"text": "least privilege"}), ["least privilege"])
+        async with EmbedClient(vhost, timeout=20) as client:
+            await client.defer([(f"least:{uuid.uuid4().hex}", "deferred too")])
+            assert await client.flush() == 1
+    finally:
+        broker.ctl(["delete_user", user])

@@ -34,12 +34,30 @@ async def test_adaptive_concurrency_halves_on_429_and_bounds_inflight() -> None:
     assert limit.limit == 8  # recovers, never past the configured maximum
 
 
+class FakeTime:
+    """Time that moves only when someone sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
 def test_token_bucket_arithmetic() -> None:
-    bucket = _Bucket(per_minute=60)
+    t = FakeTime()
+    bucket = _Bucket(per_minute=60, clock=t.clock)
     assert bucket.wait_time(60) == 0.0
     bucket.level -= 60
-    assert bucket.wait_time(1) == pytest.approx(1.0, abs=0.05)  # one request per second refills
-    assert bucket.wait_time(1000) == pytest.approx(60.0, abs=0.1)  # larger than capacity: a full minute
+    assert bucket.wait_time(1) == pytest.approx(1.0)  # one request per second refills
+    assert bucket.wait_time(1000) == pytest.approx(60.0)  # larger than capacity: a full minute
+    t.now += 30
+    assert bucket.wait_time(1) == 0.0
 
 
 async def test_unlimited_rate_limiter_never_waits() -> None:
@@ -49,13 +67,18 @@ async def test_unlimited_rate_limiter_never_waits() -> None:
     assert limiter.waited == 0
 
 
-async def test_rate_limiter_makes_callers_wait_once_the_budget_is_spent() -> None:
-    limiter = RateLimiter(requests_per_minute=6000)  # 100 per second, 6000 burst
-    for _ in range(6000):
-        await limiter.acquire(1)
-    assert limiter.waited == 0
-    await limiter.acquire(1)
-    assert limiter.waited > 0
+async def test_rate_limiter_spaces_calls_once_the_budget_is_spent() -> None:
+    t = FakeTime()
+    limiter = RateLimiter(requests_per_minute=120, tokens_per_minute=6000, clock=t.clock, sleep=t.sleep)
+    for _ in range(120):  # the first minute's budget is there at once
+        await limiter.acquire(10)
+    assert t.sleeps == []
+    await limiter.acquire(10)  # then one request per 0.5 s
+    assert t.sleeps == [pytest.approx(0.5)]
+    await limiter.acquire(3000)  # 4,840 tokens left: only the request spacing waits
+    assert t.sleeps == [pytest.approx(0.5), pytest.approx(0.5)]
+    await limiter.acquire(3000)  # 1,890 left: 1,110 short at 100 tokens/s
+    assert t.sleeps[-1] == pytest.approx(11.1)
 
 
 async def test_breaker_opens_after_threshold_probes_and_closes_on_success() -> None:

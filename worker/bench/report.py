@@ -57,7 +57,10 @@ def table(name: str, result: dict[str, Any]) -> str:
             f"{r['upstream_calls']:>7} {batch:>7} {r['peak_rss_mb']:>8.1f} {r['seconds']:>7.2f}"
         )
     for key, value in result.get("ratios", {}).items():
-        lines.append(f"  {key}: {value:.2f}x")
+        lines.append(
+            f"  {key}: {value['median']:.2f}x (min {value['min']:.2f}, max {value['max']:.2f}, "
+            f"{len(next(iter(result['all_runs'].values())))} rounds)"
+        )
     if "ideal_texts_per_s" in result:
         lines.append(f"  ideal (concurrency x batch / 0.3 s): {result['ideal_texts_per_s']:.0f} texts/s")
     return "\n".join(lines)
@@ -101,7 +104,9 @@ def _plot(name: str, result: dict[str, Any], path: Path) -> None:
             ax.text(r["texts_per_s"], i, f" {r['texts_per_s']:.0f}/s", va="center")
         ax.set_xlabel("texts per second")
         ax.invert_yaxis()
-        ax.set_title(name + ": " + ", ".join(f"{k} {v:.2f}x" for k, v in result.get("ratios", {}).items())[:90])
+        ax.set_title(
+            name + ": " + ", ".join(f"{k} {v['median']:.2f}x" for k, v in result["ratios"].items())[:90], fontsize=9
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import statistics
 import subprocess
 import urllib.request
 import uuid
@@ -38,6 +39,7 @@ class BenchConfig:
     rate_seconds: float = 3.0
     progress: bool = True
     prefetch: int | None = None  # None: the worker's own default
+    repeat: int = 3  # rounds of paired runs; ratios are medians over rounds
     worker_env: dict[str, str] = field(default_factory=dict)  # extra worker settings (--set KEY=VALUE)
 
 
@@ -239,85 +241,143 @@ def _full(model: str) -> int:
 Scenario = Callable[[Bench], Any]
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    label: str
+    target: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+async def _rounds(bench: Bench, specs: list[RunSpec]) -> dict[str, list[dict[str, Any]]]:
+    """Every spec once per round, in turn (A B C A B C ...), so drift in the machine's speed hits all alike."""
+    results: dict[str, list[dict[str, Any]]] = {spec.label: [] for spec in specs}
+    for _ in range(bench.config.repeat):
+        for spec in specs:
+            results[spec.label].append(await bench.drain(spec.target, label=spec.label, **spec.options))
+    return results
+
+
+def _ratio(results: dict[str, list[dict[str, Any]]], a: str, b: str, key: str = "texts_per_s") -> dict[str, float]:
+    """Pairwise ratios a/b over the rounds: median, min and max."""
+    pairs = [float(x[key]) / float(y[key]) for x, y in zip(results[a], results[b], strict=True)]
+    return {"median": round(statistics.median(pairs), 3), "min": round(min(pairs), 3), "max": round(max(pairs), 3)}
+
+
+def _summary(results: dict[str, list[dict[str, Any]]], ratios: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The median run of each spec for the table, every run for the record."""
+    median_runs = [sorted(runs, key=lambda r: r["texts_per_s"])[len(runs) // 2] for runs in results.values()]
+    return {"runs": median_runs, "all_runs": results, "ratios": ratios, **extra}
+
+
 async def scenario_drain(bench: Bench) -> dict[str, Any]:
     n = bench.config.requests
-    echo = await bench.drain("echo", n=n, label="echo 8d")
-    worker = await bench.drain("worker", n=n, label="worker 8d")
-    slow = await bench.drain("worker", n=n, latency_ms=100, label="worker 8d, upstream 100 ms")
-    return {
-        "runs": [echo, worker, slow],
-        "ratios": {
-            "worker / echo": _ratio(worker, echo),
-            "worker (100 ms upstream) / echo": _ratio(slow, echo),
+    results = await _rounds(
+        bench,
+        [
+            RunSpec("echo 8d", "echo", {"n": n}),
+            RunSpec("worker 8d", "worker", {"n": n}),
+            RunSpec("worker 8d, upstream 100 ms", "worker", {"n": n, "latency_ms": 100}),
+        ],
+    )
+    return _summary(
+        results,
+        {
+            "worker / echo": _ratio(results, "worker 8d", "echo 8d"),
+            "worker (100 ms upstream) / echo": _ratio(results, "worker 8d, upstream 100 ms", "echo 8d"),
         },
-    }
+    )
 
 
 async def scenario_dims(bench: Bench) -> dict[str, Any]:
     n = max(100, bench.config.requests // 4)
-    runs, ratios = [], {}
+    specs, ratios = [], {}
     for dims in (768, 3072):
-        echo = await bench.drain("echo", n=n, model=FULL, dims=dims if dims != 3072 else None, label=f"echo {dims}d")
-        worker = await bench.drain(
-            "worker", n=n, model=FULL, dims=dims if dims != 3072 else None, label=f"worker {dims}d"
+        common = {"n": n, "model": FULL, "dims": dims if dims != 3072 else None}
+        specs += [
+            RunSpec(f"echo {dims}d", "echo", common),
+            RunSpec(f"worker {dims}d", "worker", common),
+            RunSpec(f"worker {dims}d, float32 replies", "worker", {**common, "reply_encoding": "float32"}),
+        ]
+    results = await _rounds(bench, specs)
+    for dims in (768, 3072):
+        ratios[f"worker / echo at {dims}d"] = _ratio(results, f"worker {dims}d", f"echo {dims}d")
+        ratios[f"worker float32 replies / echo (JSON) at {dims}d"] = _ratio(
+            results, f"worker {dims}d, float32 replies", f"echo {dims}d"
         )
-        binary = await bench.drain(
-            "worker",
-            n=n,
-            model=FULL,
-            dims=dims if dims != 3072 else None,
-            reply_encoding="float32",
-            label=f"worker {dims}d, float32 replies",
-        )
-        runs += [echo, worker, binary]
-        ratios[f"worker / echo at {dims}d"] = _ratio(worker, echo)
-        ratios[f"worker float32 replies / echo (JSON) at {dims}d"] = _ratio(binary, echo)
-    return {"runs": runs, "ratios": ratios}
+    return _summary(results, ratios)
 
 
 async def scenario_upstream_bound(bench: Bench) -> dict[str, Any]:
     c = bench.config
     n = max(c.batch_size * c.concurrency * 4, c.requests // 4)
-    echo = await bench.drain("echo", n=n, label="echo 8d")
-    worker = await bench.drain("worker", n=n, latency_ms=300, label="worker 8d, upstream 300 ms")
+    results = await _rounds(
+        bench,
+        [
+            RunSpec("echo 8d", "echo", {"n": n}),
+            RunSpec("worker 8d, upstream 300 ms", "worker", {"n": n, "latency_ms": 300}),
+        ],
+    )
     ideal = c.concurrency * c.batch_size / 0.3
-    ceiling = min(ideal, echo["texts_per_s"])
-    return {
-        "runs": [echo, worker],
-        "ideal_texts_per_s": round(ideal, 1),
-        "ratios": {"worker / min(ideal, echo)": round(worker["texts_per_s"] / ceiling, 3)},
-    }
+    fractions = [
+        w["texts_per_s"] / min(ideal, e["texts_per_s"])
+        for w, e in zip(results["worker 8d, upstream 300 ms"], results["echo 8d"], strict=True)
+    ]
+    fill = [w["mean_batch"] / c.batch_size for w in results["worker 8d, upstream 300 ms"]]
+    return _summary(
+        results,
+        {
+            "worker / min(ideal, echo)": {
+                "median": round(statistics.median(fractions), 3),
+                "min": round(min(fractions), 3),
+                "max": round(max(fractions), 3),
+            },
+            "batch fill (mean texts per call / BATCH_MAX_SIZE)": {
+                "median": round(statistics.median(fill), 3),
+                "min": round(min(fill), 3),
+                "max": round(max(fill), 3),
+            },
+        },
+        ideal_texts_per_s=round(ideal, 1),
+    )
 
 
 async def scenario_scale(bench: Bench) -> dict[str, Any]:
     n = bench.config.requests
-    runs = [await bench.drain("worker", n=n, processes=k, label=f"worker x{k}") for k in (1, 2, 4)]
-    return {"runs": runs, "ratios": {f"x{r['processes']} / x1": _ratio(r, runs[0]) for r in runs}}
+    results = await _rounds(bench, [RunSpec(f"worker x{k}", "worker", {"n": n, "processes": k}) for k in (1, 2, 4)])
+    return _summary(results, {f"x{k} / x1": _ratio(results, f"worker x{k}", "worker x1") for k in (2, 4)})
 
 
 async def scenario_baseline(bench: Bench) -> dict[str, Any]:
     n = max(100, bench.config.requests // 4)
-    echo = await bench.drain("echo", n=n, label="echo 8d")
-    naive = await bench.drain("naive", n=n, label="naive 8d (1 call/message)")
-    worker = await bench.drain("worker", n=n, label="worker 8d")
-    return {
-        "runs": [echo, naive, worker],
-        "ratios": {
-            "naive / echo": _ratio(naive, echo),
-            "worker / echo": _ratio(worker, echo),
-            "worker / naive (batching speed-up)": _ratio(worker, naive),
+    results = await _rounds(
+        bench,
+        [
+            RunSpec("echo 8d", "echo", {"n": n}),
+            RunSpec("naive 8d (1 call/message)", "naive", {"n": n}),
+            RunSpec("worker 8d", "worker", {"n": n}),
+        ],
+    )
+    return _summary(
+        results,
+        {
+            "naive / echo": _ratio(results, "naive 8d (1 call/message)", "echo 8d"),
+            "worker / echo": _ratio(results, "worker 8d", "echo 8d"),
+            "worker / naive (batching speed-up)": _ratio(results, "worker 8d", "naive 8d (1 call/message)"),
         },
-    }
+    )
 
 
 async def scenario_memory(bench: Bench) -> dict[str, Any]:
     n = max(bench.config.requests, 1000)
-    small = await bench.drain("worker", n=max(100, n // 10), label=f"worker, {max(100, n // 10)} backlog")
-    big = await bench.drain("worker", n=n, label=f"worker, {n} backlog")
-    return {
-        "runs": [small, big],
-        "ratios": {"peak RSS big / small": round(big["peak_rss_mb"] / small["peak_rss_mb"], 3)},
-    }
+    small, big = f"worker, {max(100, n // 10)} backlog", f"worker, {n} backlog"
+    results = await _rounds(
+        bench,
+        [
+            RunSpec(small, "worker", {"n": max(100, n // 10)}),
+            RunSpec(big, "worker", {"n": n}),
+        ],
+    )
+    return _summary(results, {"peak RSS big / small backlog": _ratio(results, big, small, key="peak_rss_mb")})
 
 
 async def scenario_latency(bench: Bench) -> dict[str, Any]:
@@ -352,7 +412,3 @@ SCENARIOS: dict[str, Scenario] = {
     "baseline": scenario_baseline,
     "memory": scenario_memory,
 }
-
-
-def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
-    return round(float(a["texts_per_s"]) / float(b["texts_per_s"]), 3)
