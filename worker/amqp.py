@@ -36,6 +36,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelInvalidStateError
+from pamqp import commands as spec
 
 from worker.messages import Reply
 from worker.service import Delivery, ReplyUndeliverable
@@ -77,6 +78,14 @@ def queue_arguments(config: AmqpConfig, dead_letter_key: str = QUEUE) -> dict[st
         # a request that crashes or stalls every worker cannot loop forever.
         args["x-delivery-limit"] = config.delivery_limit
     return args
+
+
+class _PassiveDeclare(spec.Queue.Declare):
+    """queue.declare(passive) without pamqp's name check: RabbitMQ's own Direct Reply-to names end in
+    base64 padding ("...==") that pamqp's queue-name pattern refuses, yet the broker answers for them."""
+
+    def validate(self) -> None:
+        return None
 
 
 class _IncomingDelivery:
@@ -129,6 +138,8 @@ class AmqpTransport:
         self._stopping = False
         self._control: set[asyncio.Task[None]] = set()
         self._deferred_channel: AbstractRobustChannel | None = None
+        self._probe_channel: aiormq.abc.AbstractChannel | None = None
+        self._probe_lock = asyncio.Lock()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -294,6 +305,41 @@ class AmqpTransport:
             on_flush(_IncomingDelivery(message))
 
         await queue.consume(on_message)
+
+    async def publish_deferred(self, body: bytes, headers: dict[str, Any]) -> None:
+        await self._publish_persistent(EXCHANGE, DEFERRED_KEY, body, headers)
+
+    async def park_deferred(self, body: bytes, reason: str) -> None:
+        await self._publish_persistent(DLX, DEFERRED_KEY, body, {"x-embed-error": reason})
+
+    async def _publish_persistent(self, exchange_name: str, key: str, body: bytes, headers: dict[str, Any]) -> None:
+        assert self._publish_channel is not None
+        exchange = await self._publish_channel.get_exchange(exchange_name, ensure=False)
+        message = aio_pika.Message(
+            body, content_type="application/json", headers=headers, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await exchange.publish(message, routing_key=key)
+
+    async def caller_alive(self, reply_to: str) -> bool:
+        """Does this Direct Reply-to queue still have its consumer? A passive declare on a spare channel:
+        the broker answers declare-ok while the caller's channel lives and 404 (closing the spare channel,
+        hence a channel of its own) once it has gone."""
+        assert self._connection is not None
+        async with self._probe_lock:
+            try:
+                if self._probe_channel is None or self._probe_channel.is_closed:
+                    transport = self._connection.transport
+                    if transport is None:  # reconnecting: cannot tell
+                        return True
+                    # A plain aiormq channel, not a robust one: the broker closes it on 404 and we reopen it here.
+                    self._probe_channel = await transport.connection.channel()
+                channel: Any = self._probe_channel  # aiormq's Channel.rpc sends any method frame
+                await channel.rpc(_PassiveDeclare(queue=reply_to, passive=True), timeout=5)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            except Exception as exc:  # cannot tell: assume the caller waits rather than drop its request
+                log.debug("caller check for %s inconclusive: %r", reply_to[:60], exc)
+            return True
 
     def _on_reconnect(self, *_: Any) -> None:
         log.warning("reconnected to the broker; unacked deliveries from the old channel will be redelivered")

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 from worker.amqp import AmqpConfig, AmqpTransport
 from worker.deferred import DeferredConfig, DeferredLane
 from worker.embedders.gemini import GeminiEmbedder
+from worker.embedders.gemini_batch import GeminiBatchJobs
 from worker.emulator import EmulatorThread
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.messages import RequestLimits
@@ -58,6 +59,8 @@ def deferred_config(settings: Settings) -> DeferredConfig:
         wake_depth=settings.deferred_wake_messages,
         poll_s=settings.deferred_poll_s,
         skip_unchanged=settings.deferred_skip_unchanged,
+        batch_api=settings.deferred_batch_api,
+        batch_api_poll_s=settings.deferred_batch_api_poll_s,
     )
 
 
@@ -75,6 +78,7 @@ def build_service(
         ),
         reply_to=settings.reply_to_regex,
         metrics=metrics,
+        check_callers=settings.check_callers,
     )
 
 
@@ -132,7 +136,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
     lane, store, lane_task = None, None, None
     lane_stop = asyncio.Event()
     if settings.redis_url is not None and settings.deferred_enabled:
-        store = RedisVectorStore(settings.redis_url.get_secret_value())
+        store = RedisVectorStore(settings.redis_url.get_secret_value(), settings.deferred_batch_api_jobs_key)
         lane = DeferredLane(
             transport,
             store,
@@ -141,6 +145,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
             limits=request_limits(settings),
             config=deferred_config(settings),
             reply_to=settings.reply_to_regex,
+            jobs=GeminiBatchJobs(embedder.client) if settings.deferred_batch_api else None,
         )
     try:
         log.info("connecting to %s", settings.amqp_url_redacted)

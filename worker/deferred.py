@@ -22,16 +22,18 @@ an embedding of the same text, model and dimension are skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 from worker.batcher import Batcher
+from worker.embedders.base import JobResult
 from worker.errors import EmbedError, InvalidRequest
 from worker.messages import DeferredRequest, EmbedConfig, Reply, RequestLimits, decode_deferred
 from worker.redis_store import Existing, StoredVector, StoreUnavailable
@@ -50,9 +52,47 @@ class DeferredSource(Protocol):
 class VectorStore(Protocol):
     async def write(self, entries: Sequence[StoredVector]) -> None: ...
 
+    async def save_job(self, name: str, record: bytes) -> None: ...
+
+    async def jobs(self) -> dict[str, bytes]: ...
+
+    async def complete_job(self, name: str, entries: Sequence[StoredVector]) -> None: ...
+
+    async def drop_job(self, name: str) -> None: ...
+
     async def existing(self, keys: Sequence[str]) -> list[Existing]: ...
 
     async def ping(self) -> bool: ...
+
+
+class DeferredPublisher(ReplyPublisher, Protocol):
+    async def publish_deferred(self, body: bytes, headers: dict[str, Any]) -> None:
+        """Put items back on ``embed.deferred``."""
+
+    async def park_deferred(self, body: bytes, reason: str) -> None:
+        """Put items in ``embed.deferred.dlq`` with the reason in a header."""
+
+
+class BatchJobs(Protocol):
+    async def submit(self, texts: Sequence[str], config: EmbedConfig, display_name: str) -> str: ...
+
+    async def result(self, name: str, config: EmbedConfig, count: int) -> JobResult | None: ...
+
+
+BATCH_ATTEMPTS_HEADER = "x-batch-attempts"
+
+
+def _config_dict(cfg: EmbedConfig) -> dict[str, Any]:
+    return {"model": cfg.model, "task_type": cfg.task_type, "output_dimensionality": cfg.output_dimensionality}
+
+
+def _deferred_body(cfg: EmbedConfig, items: Sequence[tuple[str, str]]) -> bytes:
+    body: dict[str, Any] = {"items": [{"key": k, "text": t} for k, t in items], "model": cfg.model}
+    if cfg.task_type:
+        body["task_type"] = cfg.task_type
+    if cfg.output_dimensionality:
+        body["output_dimensionality"] = cfg.output_dimensionality
+    return orjson.dumps(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +104,9 @@ class DeferredConfig:
     wake_depth: int = 1000  # drain early once this many messages wait (0 = never)
     poll_s: float = 5.0
     skip_unchanged: bool = True
+    batch_api: bool = False  # submit Batch API jobs instead of synchronous calls
+    batch_api_poll_s: float = 60.0
+    batch_api_attempts: int = 3  # failed jobs before items take the synchronous path
 
 
 def text_hash(text: str) -> str:
@@ -76,12 +119,14 @@ class DeferredLane:
         source: DeferredSource,
         store: VectorStore,
         upstream: UpstreamCaller,
-        publisher: ReplyPublisher,
+        publisher: DeferredPublisher,
         *,
         limits: RequestLimits,
         config: DeferredConfig,
         reply_to: re.Pattern[str],
+        jobs: BatchJobs | None = None,
     ):
+        self._jobs = jobs if config.batch_api else None
         self._reply_to = reply_to
         self._source = source
         self._store = store
@@ -106,6 +151,23 @@ class DeferredLane:
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         backoff = 0.5
+        poller = asyncio.create_task(self._poll_forever(stop)) if self._jobs is not None else None
+        try:
+            await self._run(stop, loop, backoff)
+        finally:
+            if poller is not None:
+                poller.cancel()
+
+    async def _poll_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.poll_jobs()
+            except StoreUnavailable as exc:
+                log.warning("Batch API jobs not polled: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.batch_api_poll_s)
+
+    async def _run(self, stop: asyncio.Event, loop: asyncio.AbstractEventLoop, backoff: float) -> None:
         while not stop.is_set():
             deadline = loop.time() + self.config.flush_interval_s
             while not (stop.is_set() or self.wake.is_set()) and loop.time() < deadline:
@@ -191,12 +253,28 @@ class DeferredLane:
                 await delivery.reject(requeue=False)
                 continue
             decoded.append((delivery, request))
+        if self._jobs is None:
+            return await self._sync_round(decoded)
+        # Items whose Batch API jobs kept failing come back marked; they take the synchronous path.
+        tries = [int(d.headers.get(BATCH_ATTEMPTS_HEADER, 0) or 0) for d, _ in decoded]
+        via_jobs = [pair for pair, n in zip(decoded, tries, strict=True) if n < self.config.batch_api_attempts]
+        direct = [pair for pair, n in zip(decoded, tries, strict=True) if n >= self.config.batch_api_attempts]
+        await self._job_round(via_jobs)
+        return await self._sync_round(direct)
 
-        # The latest text for each key wins; earlier ones are superseded, not embedded.
+    @staticmethod
+    def _latest(decoded: list[tuple[Delivery, DeferredRequest]]) -> dict[tuple[EmbedConfig, str], str]:
+        """The latest text for each key wins; earlier ones are superseded, not embedded."""
         latest: dict[tuple[EmbedConfig, str], str] = {}
         for _, request in decoded:
             for key, text in zip(request.keys, request.texts, strict=True):
                 latest[(request.config, key)] = text
+        return latest
+
+    async def _sync_round(self, decoded: list[tuple[Delivery, DeferredRequest]]) -> int:
+        if not decoded:
+            return 0
+        latest = self._latest(decoded)
         try:
             pending = await self._without_unchanged(latest)
             outcomes = await self._embed(pending)
@@ -229,8 +307,78 @@ class DeferredLane:
                 await delivery.reject(requeue=True)
             else:
                 await delivery.ack()
-        log.info("deferred round: %d messages, %d keys, %d written", len(deliveries), len(latest), len(entries))
+        log.info("deferred round: %d messages, %d keys, %d written", len(decoded), len(latest), len(entries))
         return len(entries)
+
+    # ------------------------------------------------------------------ Batch API jobs
+    async def _job_round(self, decoded: list[tuple[Delivery, DeferredRequest]]) -> None:
+        """Submit one Batch API job per configuration, record it in Redis, then ack the messages."""
+        assert self._jobs is not None
+        if not decoded:
+            return
+        latest = self._latest(decoded)
+        attempts = max(int(d.headers.get(BATCH_ATTEMPTS_HEADER, 0) or 0) for d, _ in decoded)
+        try:
+            pending = await self._without_unchanged(latest)
+            by_config: dict[EmbedConfig, list[tuple[str, str]]] = {}
+            for (cfg, key), text in pending.items():
+                by_config.setdefault(cfg, []).append((key, text))
+            for cfg, items in by_config.items():
+                texts = list(dict.fromkeys(text for _, text in items))
+                name = await self._jobs.submit(texts, cfg, display_name=f"embed-worker {len(texts)} texts")
+                record = {"config": _config_dict(cfg), "texts": texts, "items": items, "attempts": attempts}
+                await self._store.save_job(name, orjson.dumps(record))
+                log.info("Batch API job %s submitted: %d texts for %d keys", name, len(texts), len(items))
+        except (StoreUnavailable, EmbedError) as exc:
+            # Nothing acked: the messages come back; a job submitted without its record is only a cost.
+            log.warning("Batch API round failed (%s); requeueing its messages", exc)
+            for delivery, _ in decoded:
+                await delivery.reject(requeue=True)
+            if isinstance(exc, StoreUnavailable):
+                raise
+            return
+        for delivery, _ in decoded:
+            await delivery.ack()
+
+    async def poll_jobs(self) -> int:
+        """Collect finished jobs: write their vectors and forget them in one transaction. Returns vectors written."""
+        if self._jobs is None:
+            return 0
+        written = 0
+        for name, raw in (await self._store.jobs()).items():
+            record = orjson.loads(raw)
+            cfg = EmbedConfig(**record["config"])
+            texts: list[str] = record["texts"]
+            try:
+                result = await self._jobs.result(name, cfg, len(texts))
+            except EmbedError as exc:
+                log.info("could not read Batch API job %s: %s", name, exc.message)
+                continue
+            if result is None:
+                continue
+            items: list[tuple[str, str]] = [(k, t) for k, t in record["items"]]
+            if not result.succeeded:
+                log.warning(
+                    "Batch API job %s ended %s; its %d items go back to the queue", name, result.state, len(items)
+                )
+                await self._publisher.publish_deferred(
+                    _deferred_body(cfg, items), {BATCH_ATTEMPTS_HEADER: record["attempts"] + 1}
+                )
+                await self._store.drop_job(name)
+                continue
+            outcome = dict(zip(texts, result.outcomes, strict=True))
+            entries = [
+                StoredVector(key=key, vector=vec, model=cfg.model, text_hash=text_hash(text))
+                for key, text in items
+                if not isinstance(vec := outcome[text], EmbedError)
+            ]
+            bad = [(key, text) for key, text in items if isinstance(outcome[text], EmbedError)]
+            if bad:
+                await self._publisher.park_deferred(_deferred_body(cfg, bad), "rejected by the Batch API")
+            await self._store.complete_job(name, entries)
+            log.info("Batch API job %s done: %d written, %d parked", name, len(entries), len(bad))
+            written += len(entries)
+        return written
 
     async def _without_unchanged(
         self, latest: dict[tuple[EmbedConfig, str], str]

@@ -24,6 +24,7 @@ import logging
 import random
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -37,6 +38,8 @@ from worker.vectors import Vector, full_vector
 log = logging.getLogger(__name__)
 
 BAD_INPUT_MARKER = "\u0000EMULATOR-BAD-INPUT\u0000"
+_BATCH_CREATE = re.compile(r"^/(?P<version>v1[a-z0-9]*)/models/(?P<model>[^/:]+):asyncBatchEmbedContent$")
+_BATCH_GET = re.compile(r"^/(?P<version>v1[a-z0-9]*)/batches/(?P<id>[^/:]+)$")
 _PATH = re.compile(r"^/(?P<version>v1[a-z0-9]*)/models/(?P<model>[^/:]+):(?P<method>batchEmbedContents|embedContent)$")
 
 
@@ -47,6 +50,18 @@ class Fault:
     daily: bool = False  # a 429 that reports a per-day quota
     retry_delay_s: float | None = None
     message: str = "injected fault"
+
+
+@dataclass
+class BatchJob:
+    """A Batch API job: embeddings computed when the job is first read after ``ready_at``."""
+
+    name: str
+    model: str
+    requests: list[dict[str, Any]]
+    ready_at: float
+    fail: bool = False
+    output: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -62,6 +77,10 @@ class EmulatorState:
     configs: Counter[str] = field(default_factory=Counter)  # texts seen per model/task_type/dims
     call_configs: list[list[str]] = field(default_factory=list)  # distinct configs in each call
     rejected: int = 0
+    jobs: dict[str, BatchJob] = field(default_factory=dict)
+    batch_delay_s: float = 0.0  # how long a Batch API job stays pending
+    batch_fail_next: int = 0  # that many next jobs end BATCH_STATE_FAILED
+    batch_texts: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def stats(self) -> dict[str, Any]:
@@ -72,6 +91,8 @@ class EmulatorState:
             "configs": dict(self.configs),
             "call_configs": self.call_configs,
             "rejected": self.rejected,
+            "batch_jobs": len(self.jobs),
+            "batch_texts": self.batch_texts,
         }
 
     def reset(self) -> None:
@@ -79,6 +100,10 @@ class EmulatorState:
         self.batch_sizes = []
         self.configs = Counter()
         self.call_configs = []
+        self.jobs = {}
+        self.batch_texts = 0
+        self.batch_delay_s = 0.0
+        self.batch_fail_next = 0
         self.faults = []
         self.latency_ms = 0.0
         self.fail_rate = 0.0
@@ -92,6 +117,10 @@ class EmulatorState:
             self.fail_status = int(body["fail_status"])
         if "faults" in body:
             self.faults = [Fault(**f) for f in body["faults"]]
+        if "batch_delay_s" in body:
+            self.batch_delay_s = float(body["batch_delay_s"])
+        if "batch_fail_next" in body:
+            self.batch_fail_next = int(body["batch_fail_next"])
 
     def next_fault(self) -> Fault | None:
         if self.faults:
@@ -159,6 +188,17 @@ class Emulator:
     async def _dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
         if path.startswith("/_emulator/"):
             return self._control(method, path, body)
+        if (batch := _BATCH_CREATE.match(path) or _BATCH_GET.match(path)) is not None:
+            try:
+                self._check_key(headers)
+                if method == "POST" and "model" in batch.groupdict():
+                    return 200, self._create_job(batch.group("model"), orjson.loads(body))
+                if method == "GET" and "id" in batch.groupdict():
+                    return 200, self._read_job(batch.group("id"))
+            except ApiError as exc:
+                return exc.status, _error_body(exc)
+            except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError) as exc:
+                return 400, _error_body(ApiError(400, f"invalid batch request: {exc}"))
         match = _PATH.match(path)
         if method != "POST" or match is None:
             return 404, _error_body(ApiError(404, f"no such endpoint {method} {path}"))
@@ -202,28 +242,85 @@ class Emulator:
         rows = []
         seen: set[str] = set()
         for i, req in enumerate(requests):
-            if req.get("model", f"models/{model}") != f"models/{model}":
-                raise ApiError(400, f"requests[{i}].model does not match the URL")
-            # Like the real API, each request in the batch carries its own configuration.
-            task_type = req.get("taskType")
-            dims = req.get("outputDimensionality")
-            if dims is not None and not limits.MIN_OUTPUT_DIMENSIONS <= int(dims) <= full_dims:
-                raise ApiError(400, f"outputDimensionality must be between 128 and {full_dims}")
-            text = "".join(p["text"] for p in req["content"]["parts"])
-            if not text:
-                raise ApiError(400, f"requests[{i}]: empty content")
-            if BAD_INPUT_MARKER in text:
-                raise ApiError(400, f"requests[{i}]: input rejected")
-            if limits.estimate_tokens(text) > limits.MAX_TOKENS_PER_TEXT:
-                raise ApiError(400, f"requests[{i}]: input exceeds {limits.MAX_TOKENS_PER_TEXT} tokens")
-            rows.append(_cached_vector(text, model, task_type, full_dims)[: int(dims) if dims else full_dims])
-            seen.add(f"{model}/{task_type}/{dims}")
-            self.state.configs[f"{model}/{task_type}/{dims}"] += 1
+            rows.append(self._vector(model, full_dims=full_dims, index=i, req=req))
+            config = f"{model}/{req.get('taskType')}/{req.get('outputDimensionality')}"
+            seen.add(config)
+            self.state.configs[config] += 1
         self.state.calls += 1
         self.state.texts += len(rows)
         self.state.batch_sizes.append(len(rows))
         self.state.call_configs.append(sorted(seen))
         return {"embeddings": [{"values": row} for row in rows]}
+
+    # ---------------------------------------------------------------- Batch API (asynchronous jobs)
+    def _create_job(self, model: str, body: dict[str, Any]) -> bytes:
+        if model not in limits.MODEL_DIMENSIONS:
+            raise ApiError(404, f"models/{model} is not found for API version v1beta")
+        items = body["batch"]["inputConfig"]["requests"]["requests"]
+        if not isinstance(items, list) or not items:
+            raise ApiError(400, "batch.inputConfig.requests.requests must be a non-empty list")
+        job_id = f"emu{len(self.state.jobs) + 1}{self.state.rng.getrandbits(32):08x}"
+        fail = self.state.batch_fail_next > 0
+        self.state.batch_fail_next -= int(fail)
+        job = BatchJob(
+            f"batches/{job_id}",
+            model,
+            [dict(item["request"]) for item in items],
+            time.monotonic() + self.state.batch_delay_s,
+            fail,
+        )
+        self.state.jobs[job_id] = job
+        return orjson.dumps(self._job_body(job))
+
+    def _read_job(self, job_id: str) -> bytes:
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"batches/{job_id} not found")
+        if job.output is None and not job.fail and time.monotonic() >= job.ready_at:
+            job.output = [self._one_job_item(job.model, request) for request in job.requests]
+            self.state.batch_texts += sum(1 for item in job.output if "response" in item)
+        return orjson.dumps(self._job_body(job), option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _one_job_item(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Each request of a job succeeds or fails on its own, as in the real Batch API."""
+        try:
+            row = self._vector(model, full_dims=limits.MODEL_DIMENSIONS[model], index=0, req=request)
+        except (ApiError, KeyError, TypeError) as exc:
+            message = exc.message if isinstance(exc, ApiError) else "malformed request"
+            return {"error": {"code": 3, "message": message}}
+        return {"response": {"embedding": {"values": row}}}
+
+    @staticmethod
+    def _job_body(job: BatchJob) -> dict[str, Any]:
+        done = job.fail or job.output is not None
+        state = "BATCH_STATE_FAILED" if job.fail else "BATCH_STATE_SUCCEEDED" if done else "BATCH_STATE_PENDING"
+        metadata: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.EmbedContentBatch",
+            "name": job.name,
+            "model": f"models/{job.model}",
+            "state": state,
+        }
+        if job.output is not None:
+            metadata["output"] = {"inlinedResponses": {"inlinedResponses": job.output}}
+        return {"name": job.name, "metadata": metadata, "done": done}
+
+    @staticmethod
+    def _vector(model: str, *, full_dims: int, index: int, req: dict[str, Any]) -> Vector:
+        """One request's vector, after the checks the real API makes. Each request carries its own config."""
+        if req.get("model", f"models/{model}") != f"models/{model}":
+            raise ApiError(400, f"requests[{index}].model does not match the URL")
+        task_type = req.get("taskType")
+        dims = req.get("outputDimensionality")
+        if dims is not None and not limits.MIN_OUTPUT_DIMENSIONS <= int(dims) <= full_dims:
+            raise ApiError(400, f"outputDimensionality must be between 128 and {full_dims}")
+        text = "".join(p["text"] for p in req["content"]["parts"])
+        if not text:
+            raise ApiError(400, f"requests[{index}]: empty content")
+        if BAD_INPUT_MARKER in text:
+            raise ApiError(400, f"requests[{index}]: input rejected")
+        if limits.estimate_tokens(text) > limits.MAX_TOKENS_PER_TEXT:
+            raise ApiError(400, f"requests[{index}]: input exceeds {limits.MAX_TOKENS_PER_TEXT} tokens")
+        return _cached_vector(text, model, task_type, full_dims)[: int(dims) if dims else full_dims]
 
     def _control(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
         if path == "/_emulator/stats":

@@ -11,6 +11,7 @@ broker), then ack. What cannot be answered is dead-lettered, where an operator c
 | upstream failed after the retry budget    | error, retryable=true          | dead-letter                    |
 | no reply_to, or reply_to not allowed      | none (nowhere safe to send it) | dead-letter                    |
 | caller gone (reply returned unroutable)   | dropped by the broker          | ack                            |
+| Direct Reply-to caller gone before batching| none, no upstream call         | ack                            |
 | reply could not be published              | -                              | requeue (redelivered later)    |
 | worker shutting down before the batch ran | -                              | requeue                        |
 """
@@ -65,6 +66,12 @@ class ReplyPublisher(Protocol):
     async def publish_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
         """Publish and wait for the broker's confirm; raise ReplyUndeliverable if it was returned."""
 
+    async def caller_alive(self, reply_to: str) -> bool:
+        """False only when the broker says a Direct Reply-to caller has gone."""
+
+
+DIRECT_REPLY_TO_PREFIX = "amq.rabbitmq.reply-to."
+
 
 @dataclass(frozen=True, slots=True)
 class _Item:
@@ -89,7 +96,9 @@ class EmbedService:
         batching: BatchingConfig,
         reply_to: re.Pattern[str],
         metrics: Metrics | None = None,
+        check_callers: bool = True,
     ):
+        self._check_callers = check_callers
         self.metrics = metrics or Metrics()
         self._upstream = upstream
         self._publisher = publisher
@@ -137,6 +146,16 @@ class EmbedService:
             await self._reply(delivery, encode_error(exc), code=exc.code)
             return
         self.metrics.texts.inc(len(request.texts))
+        if (
+            self._check_callers
+            and reply_to.startswith(DIRECT_REPLY_TO_PREFIX)
+            and not await self._publisher.caller_alive(reply_to)
+        ):
+            # Its reply would be dropped by the broker anyway: spend no upstream slot on it.
+            log.info("caller of correlation_id=%s has gone; dropping the request", cid, extra=ctx)
+            self.metrics.replies.labels("dropped", "caller_gone").inc()
+            await delivery.ack()
+            return
 
         try:
             outcomes = await self.batcher.submit(

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     max_texts_per_request: int = Field(default=1000, ge=1)
     max_tokens_per_text: int = Field(default=limits.MAX_TOKENS_PER_TEXT, ge=1)
     reply_to_pattern: str | None = None
+    # Before batching a Direct Reply-to request, ask the broker whether its caller still listens.
+    check_callers: bool = True
 
     # --- deferred lane (fire-and-forget, vectors into Redis); on when REDIS_URL is set ---
     redis_url: SecretStr | None = None
@@ -74,6 +76,10 @@ class Settings(BaseSettings):
     deferred_wake_messages: int = Field(default=1000, ge=0)
     deferred_poll_s: float = Field(default=5.0, gt=0)
     deferred_skip_unchanged: bool = True
+    # Gemini Batch API jobs for the deferred lane (lower price, results within Google's batch turnaround).
+    deferred_batch_api: bool = False
+    deferred_batch_api_poll_s: float = Field(default=60.0, gt=0)
+    deferred_batch_api_jobs_key: str = "embed-worker:batch-jobs"  # Redis hash of jobs in flight
 
     # --- observability ---
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # /metrics, /healthz, /readyz; unset = off

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Broker
 from tests.e2e.processes import WorkerProcess, worker_env
-from tests.integration.helpers import RawCaller, assert_right_vectors, messages_ready, wait_until
+from tests.integration.helpers import RawCaller, assert_right_vectors, queue_depth, wait_until
 from worker.emulator import EmulatorState, EmulatorThread, Fault
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ async def test_sigterm_flushes_partial_batches_answers_and_exits_zero(
     texts = [f"pending {i}" for i in range(5)]
     async with RawCaller(vhost) as caller:
         cids = [await caller.send({"text": t}) for t in texts]
-        await wait_until(lambda: messages_ready(vhost, "embed.requests"), 0)  # all five are in the worker's hands
+        await wait_until(lambda: queue_depth(vhost, "embed.requests"), 0)  # all five are in the worker's hands
         worker.signal(signal.SIGTERM)
         replies = [await caller.reply(cid) for cid in cids]
     for text, reply in zip(texts, replies, strict=True):

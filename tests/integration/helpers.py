@@ -119,19 +119,25 @@ async def get_one(url: str, queue: str, timeout: float = 10) -> aio_pika.abc.Abs
         await asyncio.wait_for(connection.close(), timeout)
 
 
-async def queue_depth(url: str, queue: str) -> int:
+async def _passive(url: str, queue: str) -> tuple[int, int]:
+    """(messages ready, consumers) of ``queue``, from a passive declare."""
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
         q = await channel.declare_queue(queue, passive=True)
-        return int(q.declaration_result.message_count or 0)
+        result = q.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
     finally:
         await connection.close()
 
 
-async def messages_ready(url: str, queue: str) -> int:
+async def queue_depth(url: str, queue: str) -> int:
     """Messages waiting in ``queue`` that no consumer holds."""
-    return await queue_depth(url, queue)
+    return (await _passive(url, queue))[0]
+
+
+async def consumers(url: str, queue: str) -> int:
+    return (await _passive(url, queue))[1]
 
 
 async def wait_until(probe: Callable[[], Awaitable[int]], want: int, timeout: float = 20) -> None:
@@ -141,13 +147,3 @@ async def wait_until(probe: Callable[[], Awaitable[int]], want: int, timeout: fl
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"count stayed at {value}, wanted {want}")
         await asyncio.sleep(0.05)
-
-
-async def consumers(url: str, queue: str) -> int:
-    connection = await aio_pika.connect(url)
-    try:
-        channel = await connection.channel()
-        q = await channel.declare_queue(queue, passive=True)
-        return int(q.declaration_result.consumer_count or 0)
-    finally:
-        await connection.close()

@@ -249,3 +249,83 @@ async def test_example_ingestion_script(
             text, model="gemini-embedding-001", task_type="RETRIEVAL_DOCUMENT", dims=768, full_dims=3072
         )
         assert np.allclose(got, want, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- Batch API jobs
+def batch_settings(redis_url: str, prefix: str) -> dict[str, Any]:
+    return {
+        "redis_url": redis_url,
+        "deferred_batch_api": True,
+        "deferred_batch_api_poll_s": 0.1,
+        "deferred_batch_api_jobs_key": f"{prefix}jobs",
+        **SLOW,
+    }
+
+
+async def wait_for_vectors(redis_url: str, keys: list[str], timeout: float = 20) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if all([await stored(redis_url, k) for k in keys]):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("vectors did not arrive")
+
+
+async def test_batch_api_jobs_embed_at_batch_prices_and_land_later(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, emulator_state: EmulatorState
+) -> None:
+    emulator_state.batch_delay_s = 0.5  # the job is pending for a while
+    await start_worker(**batch_settings(redis_url, prefix))
+    items = [(f"{prefix}job:{i}", f"batch text {i}") for i in range(30)] + [(f"{prefix}dup", "batch text 3")]
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer(items, task_type="RETRIEVAL_DOCUMENT", output_dimensionality=768)
+        assert await client.flush() == 0  # submitted, not yet written
+    redis = aioredis.Redis.from_url(redis_url)
+    assert len(await redis.hgetall(f"{prefix}jobs")) == 1  # the job is recorded; its messages are acked
+    assert await queue_depth(vhost, "embed.deferred") == 0
+    await wait_for_vectors(redis_url, [k for k, _ in items])
+    for key, text in items:
+        check_vector(await stored(redis_url, key), text, dims=768)
+    for _ in range(100):  # the record goes in the same transaction as the vectors
+        if not await redis.hgetall(f"{prefix}jobs"):
+            break
+        await asyncio.sleep(0.05)
+    assert await redis.hgetall(f"{prefix}jobs") == {}
+    await redis.aclose()
+    assert emulator_state.calls == 0 and emulator_state.batch_texts == 30  # one slot per distinct text
+
+
+async def test_failed_job_goes_back_to_the_queue_and_bad_items_are_parked(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, emulator_state: EmulatorState
+) -> None:
+    emulator_state.batch_fail_next = 1
+    await start_worker(**batch_settings(redis_url, prefix))
+    good = [(f"{prefix}g{i}", f"good {i}") for i in range(5)]
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer([*good, (f"{prefix}bad", f"bad {BAD_INPUT_MARKER}")], task_type="RETRIEVAL_DOCUMENT")
+        await client.flush()  # job 1, which fails as a whole: its items return to the queue
+        await wait_until(lambda: queue_depth(vhost, "embed.deferred"), 1)
+        await client.flush()  # job 2: the good items succeed, the bad one is parked
+        await wait_for_vectors(redis_url, [k for k, _ in good])
+    for key, text in good:
+        check_vector(await stored(redis_url, key), text)
+    parked = await get_one(vhost, "embed.deferred.dlq")
+    assert b"bad" in parked.body and parked.headers["x-embed-error"] == "rejected by the Batch API"
+    assert len(emulator_state.jobs) == 2
+
+
+async def test_jobs_outlive_the_worker_that_submitted_them(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, emulator_state: EmulatorState
+) -> None:
+    emulator_state.batch_delay_s = 1.0
+    settings = batch_settings(redis_url, prefix)
+    first = await start_worker(**settings)
+    items = [(f"{prefix}outlive:{i}", f"outlive {i}") for i in range(8)]
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer(items, task_type="RETRIEVAL_DOCUMENT")
+        await client.flush()
+    await first.shutdown()  # the job is still pending; its messages are already acked
+    assert await stored(redis_url, items[0][0]) == {}
+    await start_worker(**settings)  # another worker picks the job up from Redis
+    await wait_for_vectors(redis_url, [k for k, _ in items])
+    for key, text in items:
+        check_vector(await stored(redis_url, key), text)

@@ -233,3 +233,32 @@ async def test_worker_runs_as_a_least_privilege_user(
             assert await client.flush() == 1
     finally:
         broker.ctl(["delete_user", user])
+
+
+async def test_abandoned_direct_reply_to_request_costs_no_upstream_call(
+    start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    worker = await start_worker()
+    await worker.shutdown()  # topology in place, nobody consuming
+    gone = await aio_pika.connect(vhost)
+    channel = await gone.channel()
+    queue = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+
+    async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        return None
+
+    await queue.consume(ignore, no_ack=True)
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"text": "nobody waits for me"}', reply_to="amq.rabbitmq.reply-to", correlation_id="gone"),
+        routing_key="embed.requests",
+    )
+    await gone.close()  # the caller leaves before any worker takes its request
+
+    await start_worker()
+    async with EmbedClient(vhost, timeout=20) as client:  # a live Direct Reply-to caller is still served
+        vectors = await client.embed(["somebody waits"])
+    assert_right_vectors(
+        {"embeddings": vectors.tolist(), "model": "gemini-embedding-001", "dimensions": 3072}, ["somebody waits"]
+    )
+    assert emulator_state.texts == 1  # the abandoned request was dropped before batching
+    assert await queue_depth(vhost, "embed.requests") == 0

@@ -61,6 +61,7 @@ class GeminiEmbedder:
             httpx_async_client=self._http,
         )
         self._client = genai.Client(api_key=api_key.get_secret_value(), http_options=options)
+        self.client = self._client  # shared with the Batch API path (embedders/gemini_batch.py)
         self._api_client = getattr(self._client.aio, "_api_client", None) if fast_path else None
         self.fast_path = self._api_client is not None and hasattr(self._api_client, "async_request")
 
