@@ -344,7 +344,10 @@ class AmqpTransport:
     def _on_reconnect(self, *_: Any) -> None:
         log.warning("reconnected to the broker; unacked deliveries from the old channel will be redelivered")
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = 5.0) -> None:
         if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+            connection, self._connection = self._connection, None
+            try:
+                await asyncio.wait_for(connection.close(), timeout)
+            except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+                log.warning("broker connection did not close cleanly (%r)", exc)

@@ -190,13 +190,23 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
 
 
 async def _drain(settings: Settings, transport: AmqpTransport, service: EmbedService) -> None:
-    """Stop taking work, send partial batches now, publish and ack what we hold, within the grace."""
+    """Stop taking work, send partial batches now, publish and ack what we hold, within the grace.
+
+    Every step is bounded by what is left of the grace period, so a worker whose broker is unreachable
+    still exits on time (the broker requeues whatever was unacked)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.shutdown_grace_s
+
+    def left() -> float:
+        return max(0.0, deadline - loop.time())
+
     log.info("stopping: %d requests in hand, grace %.1fs", transport.inflight, settings.shutdown_grace_s)
-    deadline = asyncio.get_running_loop().time() + settings.shutdown_grace_s
-    await transport.stop_consuming()
-    await service.close(timeout=settings.shutdown_grace_s)
-    remaining = max(0.0, deadline - asyncio.get_running_loop().time())
     try:
-        await asyncio.wait_for(transport.wait_idle(), remaining)
+        await asyncio.wait_for(transport.stop_consuming(), min(5.0, left()))
+    except TimeoutError:
+        log.warning("could not cancel the consumer in time (broker unreachable?); closing anyway")
+    await service.close(timeout=left())
+    try:
+        await asyncio.wait_for(transport.wait_idle(), left())
     except TimeoutError:
         log.warning("grace period over with %d requests unanswered; the broker will redeliver them", transport.inflight)

@@ -6,12 +6,14 @@ import asyncio
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import orjson
 import pytest
 
 from tests.integration.helpers import RawCaller, assert_right_vectors, consumers, get_one, queue_depth, wait_until
+from tests.integration.proxy import Proxy
 from worker.client import EmbedClient
 from worker.emulator import BAD_INPUT_MARKER, EmulatorState, Fault
 
@@ -262,3 +264,15 @@ async def test_abandoned_direct_reply_to_request_costs_no_upstream_call(
     )
     assert emulator_state.texts == 1  # the abandoned request was dropped before batching
     assert await queue_depth(vhost, "embed.requests") == 0
+
+
+async def test_sigterm_with_the_broker_unreachable_still_exits_within_the_grace(start_worker: Any, vhost: str) -> None:
+    target = urlsplit(vhost)
+    proxy = await Proxy(target.hostname or "127.0.0.1", target.port or 5672).start()
+    url = urlunsplit(target._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}"))
+    worker = await start_worker(amqp_url=url, shutdown_grace_s=2, amqp_reconnect_interval_s=0.2)
+    await proxy.cut()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await worker.shutdown(timeout=15)  # raises TimeoutError if the drain waits on the dead connection
+    assert loop.time() - started < 10
