@@ -53,16 +53,7 @@ class RedisVectorStore:
     async def write(self, entries: Sequence[StoredVector]) -> None:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for e in entries:
-                    pipe.hset(
-                        e.key,
-                        mapping={
-                            FIELD_EMBEDDING: e.vector.astype("<f4", copy=False).tobytes(),
-                            FIELD_MODEL: e.model,
-                            FIELD_DIMENSIONS: int(e.vector.shape[0]),
-                            FIELD_TEXT_HASH: e.text_hash,
-                        },
-                    )
+                self._queue_writes(pipe, entries)
                 results = await pipe.execute(raise_on_error=True)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis write failed: {type(exc).__name__}: {exc}") from None

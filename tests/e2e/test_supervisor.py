@@ -31,21 +31,12 @@ async def test_supervisor_restarts_a_killed_child_and_stops_cleanly(vhost: str, 
         ["-m", "worker", "run", "--processes", "2"], {**WorkerProcess.clean_env(), **env}, inherit_env=False
     )
     try:
-        await asyncio.to_thread(parent.wait_for_line, "started worker 1", 30)
-        for _ in range(100):
-            if parent.output.count("ready:") >= 2:
-                break
-            await asyncio.sleep(0.1)
-        assert parent.output.count("ready:") == 2, parent.output
+        await asyncio.to_thread(parent.wait_for_line, "ready:", 30, count=2)
         pids = [int(p) for p in re.findall(r"started worker \d \(pid (\d+)\)", parent.output)]
         os.kill(pids[0], signal.SIGKILL)
         await asyncio.to_thread(parent.wait_for_line, "restarting in", 30)
-        await asyncio.to_thread(parent.wait_for_line, "started worker 0 (pid", 30)
-        for _ in range(200):
-            if parent.output.count("ready:") >= 3:
-                break
-            await asyncio.sleep(0.1)
-        assert parent.output.count("ready:") == 3, parent.output
+        await asyncio.to_thread(parent.wait_for_line, "started worker 0 (pid", 30, count=2)
+        await asyncio.to_thread(parent.wait_for_line, "ready:", 30, count=3)
 
         async with RawCaller(vhost) as caller:
             texts = [f"supervised {i}" for i in range(30)]

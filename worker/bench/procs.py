@@ -41,13 +41,14 @@ class ManagedProcess:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for_line(self, fragment: str, timeout: float = 30) -> str:
+    def wait_for_line(self, fragment: str, timeout: float = 30, *, count: int = 1) -> str:
+        """The ``count``-th line containing ``fragment``, waiting for it as the child writes."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for line in self.lines:
-                    if fragment in line:
-                        return line
+                found = [line for line in self.lines if fragment in line]
+                if len(found) >= count:
+                    return found[count - 1]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
                     raise AssertionError(f"no line containing {fragment!r}; output:\n{''.join(self.lines)}")
