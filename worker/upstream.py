@@ -84,7 +84,7 @@ class UpstreamCaller:
                 await self._backoff(attempt, exc)
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(str(exc.status or "none")).inc()
-                if exc.transient:
+                if exc.transient or exc.status in (401, 403):  # an upstream that refuses every call
                     self._failed()
                 if not exc.transient or attempt >= self._policy.max_attempts:
                     return [exc] * len(texts)

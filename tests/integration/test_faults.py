@@ -276,3 +276,17 @@ async def test_sigterm_with_the_broker_unreachable_still_exits_within_the_grace(
     started = loop.time()
     await worker.shutdown(timeout=15)  # raises TimeoutError if the drain waits on the dead connection
     assert loop.time() - started < 10
+
+
+async def test_rejected_api_key_parks_requests_for_replay(
+    start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker(retry_max_attempts=5)
+    emulator_state.faults = [Fault(403, times=-1)]
+    async with RawCaller(vhost) as caller:
+        cid = await caller.send({"text": "key trouble"})
+        reply = await caller.reply(cid)
+    assert reply["error"]["code"] == "upstream_error" and reply["error"]["retryable"] is True
+    assert emulator_state.rejected == 1  # not retried: a key problem does not heal in seconds
+    parked = await get_one(vhost, "embed.requests.dlq")
+    assert parked.correlation_id == cid

@@ -66,10 +66,10 @@ async def test_errors_are_mapped(embedder: GeminiEmbedder, emulator_state: Emula
         await embedder.embed(["a"], cfg)
     with pytest.raises(UpstreamError) as denied:
         await embedder.embed(["a"], cfg)
-    assert not denied.value.transient and denied.value.status == 403
+    assert not denied.value.transient and denied.value.status == 403 and denied.value.retryable
     with pytest.raises(UpstreamError) as unknown:
         await embedder.embed(["a"], EmbedConfig("no-such-model"))
-    assert unknown.value.status == 404 and not unknown.value.transient
+    assert unknown.value.status == 404 and not unknown.value.transient and not unknown.value.retryable
 
 
 async def test_connection_refused_is_transient() -> None:

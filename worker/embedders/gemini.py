@@ -130,7 +130,13 @@ def map_api_error(exc: genai_errors.APIError) -> UpstreamError:
         return UpstreamInvalidInput(message)
     if code in (408, 409) or code >= 500:
         return UpstreamError(message, status=code, transient=True, retry_after=_retry_delay(details))
-    # 401/403 (key), 404 (model): retrying will not help; an operator must act.
+    if code in (401, 403):
+        # The key, not the request: retrying now will not help, but the request is good once an operator
+        # fixes the key, so it is parked for replay (retryable) and counts towards pausing consumption.
+        error = UpstreamError(message, status=code, transient=False)
+        error.retryable = True
+        return error
+    # 404 (unknown model) and the like: the request cannot succeed as sent.
     return UpstreamError(message, status=code, transient=False)
 
 
