@@ -149,11 +149,9 @@ class DeferredLane:
         self.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = 0.5
         poller = asyncio.create_task(self._poll_forever(stop)) if self._jobs is not None else None
         try:
-            await self._run(stop, loop, backoff)
+            await self._run(stop)
         finally:
             if poller is not None:
                 poller.cancel()
@@ -164,10 +162,14 @@ class DeferredLane:
                 await self.poll_jobs()
             except StoreUnavailable as exc:
                 log.warning("Batch API jobs not polled: %s", exc)
+            except Exception:  # the poller must outlive any one bad poll; the records stay in Redis
+                log.exception("Batch API poll failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.batch_api_poll_s)
 
-    async def _run(self, stop: asyncio.Event, loop: asyncio.AbstractEventLoop, backoff: float) -> None:
+    async def _run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.5
         while not stop.is_set():
             deadline = loop.time() + self.config.flush_interval_s
             while not (stop.is_set() or self.wake.is_set()) and loop.time() < deadline:
@@ -192,6 +194,15 @@ class DeferredLane:
                 backoff = min(60.0, backoff * 2)
                 await self._until_store_answers(stop, backoff)
                 self.wake.set()  # go again at once: the work is back in the queue
+                continue
+            except Exception as exc:  # e.g. the broker channel went away mid-round: unacked work returns
+                log.exception("deferred round failed; retrying in %.1fs", backoff)
+                await self._answer(
+                    waiters, {"error": {"code": "internal", "message": type(exc).__name__, "retryable": True}}
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(60.0, backoff * 2)
+                self.wake.set()
                 continue
             await self._answer(waiters, {"flushed": written})
 
