@@ -84,6 +84,16 @@ class ManagedProcess:
             return None
         return None
 
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU time the process has used so far (from /proc/PID/stat)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
+
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time."""
         if self.proc.poll() is None:

@@ -49,12 +49,15 @@ def table(name: str, result: dict[str, Any]) -> str:
             f"adds {lone['added_p50_ms']} ms at p50 beyond BATCH_MAX_WAIT_MS and the echo round trip"
         )
         return "\n".join(lines)
-    lines.append(f"{'run':<34} {'req/s':>9} {'texts/s':>9} {'calls':>7} {'batch':>7} {'RSS MB':>8} {'s':>7}")
+    lines.append(
+        f"{'run':<34} {'req/s':>9} {'texts/s':>9} {'calls':>7} {'batch':>7} {'RSS MB':>8} {'CPU us/req':>10} {'s':>7}"
+    )
     for r in result["runs"]:
         batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
         lines.append(
             f"{r['label']:<34} {r['requests_per_s']:>9.0f} {r['texts_per_s']:>9.0f} "
-            f"{r['upstream_calls']:>7} {batch:>7} {r['peak_rss_mb']:>8.1f} {r['seconds']:>7.2f}"
+            f"{r['upstream_calls']:>7} {batch:>7} {r['peak_rss_mb']:>8.1f} {r['cpu_us_per_request']:>10.0f} "
+            f"{r['seconds']:>7.2f}"
         )
     for key, value in result.get("ratios", {}).items():
         lines.append(

@@ -154,7 +154,9 @@ class Bench:
                 procs = [self.start(target, url, **settings) for _ in range(processes)]
                 try:
                     await asyncio.gather(*(asyncio.to_thread(p.wait_for_line, "ready:", 60) for p in procs))
+                    cpu_at_ready = [p.cpu_seconds() or 0.0 for p in procs]  # start-up (imports) excluded
                     await driver.wait_for(n, timeout=max(120.0, n / 50))
+                    cpu = sum((p.cpu_seconds() or 0.0) - c for p, c in zip(procs, cpu_at_ready, strict=True))
                     # The clock starts when the first process said it consumes (it prints that right after
                     # basic.consume), or at the first reply if our reader thread saw the line late.
                     started = min([p.line_time("ready:") for p in procs] + [min(driver.received.values())])
@@ -181,6 +183,8 @@ class Bench:
             "upstream_calls": stats["calls"],
             "mean_batch": round(stats["texts"] / stats["calls"], 2) if stats["calls"] else None,
             "peak_rss_mb": round(max(rss), 1),
+            # CPU the target's processes spent per request: less sensitive to a noisy neighbour than rates.
+            "cpu_us_per_request": round(cpu / n * 1e6, 1),
             "replies_checked": checked,
         }
 
@@ -284,6 +288,7 @@ async def scenario_drain(bench: Bench) -> dict[str, Any]:
         {
             "worker / echo": _ratio(results, "worker 8d", "echo 8d"),
             "worker (100 ms upstream) / echo": _ratio(results, "worker 8d, upstream 100 ms", "echo 8d"),
+            "CPU per request, worker / echo": _ratio(results, "worker 8d", "echo 8d", key="cpu_us_per_request"),
         },
     )
 
@@ -303,6 +308,9 @@ async def scenario_dims(bench: Bench) -> dict[str, Any]:
         ratios[f"worker / echo at {dims}d"] = _ratio(results, f"worker {dims}d", f"echo {dims}d")
         ratios[f"worker float32 replies / echo (JSON) at {dims}d"] = _ratio(
             results, f"worker {dims}d, float32 replies", f"echo {dims}d"
+        )
+        ratios[f"CPU per request, worker / echo at {dims}d"] = _ratio(
+            results, f"worker {dims}d", f"echo {dims}d", key="cpu_us_per_request"
         )
     return _summary(results, ratios)
 
