@@ -4,7 +4,6 @@ Every request must end answered (with the right vectors, or a retryable error) o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -18,14 +17,6 @@ from worker.emulator import EmulatorState, EmulatorThread
 pytestmark = pytest.mark.integration
 
 N = 300
-
-
-@pytest.fixture
-def fleet() -> Iterator[list[WorkerProcess]]:
-    procs: list[WorkerProcess] = []
-    yield procs
-    for proc in procs:
-        proc.kill()
 
 
 async def _drain_dlq(url: str) -> set[str]:
@@ -42,7 +33,7 @@ async def _drain_dlq(url: str) -> set[str]:
 
 
 async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
-    broker: Broker, vhost: str, emulator: EmulatorThread, emulator_state: EmulatorState, fleet: list[WorkerProcess]
+    broker: Broker, vhost: str, emulator: EmulatorThread, emulator_state: EmulatorState, processes: list[WorkerProcess]
 ) -> None:
     emulator_state.latency_ms = 200  # ~2 s of work per worker pair: the faults land mid-stream
     emulator_state.fail_rate = 0.3
@@ -55,8 +46,8 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
         retry_max_attempts=3,
         breaker_failures=0,
     )
-    fleet += [WorkerProcess(env), WorkerProcess(env)]
-    for proc in fleet:
+    processes += [WorkerProcess(env), WorkerProcess(env)]
+    for proc in processes:
         await asyncio.to_thread(proc.wait_for_line, "ready:")
     vhost_name = vhost.rsplit("/", 1)[1]
     texts = [f"chaos {i}" for i in range(N)]
@@ -64,8 +55,8 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
     async with RawCaller(vhost) as caller:
         cids = [await caller.send({"text": t}) for t in texts]
         await caller.reply(cids[0], timeout=30)
-        fleet[0].kill()  # SIGKILL mid-stream
-        fleet.append(WorkerProcess(env))  # its replacement
+        processes[0].kill()  # SIGKILL mid-stream
+        processes.append(WorkerProcess(env))  # its replacement
         await caller.reply(cids[N // 3], timeout=60)
         listing = broker.ctl(["list_connections", "-q", "--no-table-headers", "pid", "vhost", "client_properties"])
         for line in listing.splitlines():

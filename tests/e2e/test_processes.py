@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,14 +14,6 @@ from tests.integration.helpers import RawCaller, assert_right_vectors, queue_dep
 from worker.emulator import EmulatorState, EmulatorThread, Fault
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def processes() -> Iterator[list[WorkerProcess]]:
-    procs: list[WorkerProcess] = []
-    yield procs
-    for proc in procs:
-        proc.kill()
 
 
 async def test_sigterm_flushes_partial_batches_answers_and_exits_zero(
