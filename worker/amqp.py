@@ -52,6 +52,7 @@ DEFERRED_QUEUE = "embed.deferred"
 DEFERRED_KEY = "embed.deferred"
 DEFERRED_DLQ = "embed.deferred.dlq"
 FLUSH_KEY = "embed.deferred.flush"  # control messages: every worker's lane drains now
+CALLER_CHECK_TTL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,7 @@ class AmqpTransport:
         self._deferred_channel: AbstractRobustChannel | None = None
         self._probe_channel: aiormq.abc.AbstractChannel | None = None
         self._probe_lock = asyncio.Lock()
+        self._alive_until: dict[str, float] = {}  # reply_to -> loop time until which it counts as alive
         self._inflight: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -325,6 +327,11 @@ class AmqpTransport:
         the broker answers declare-ok while the caller's channel lives and 404 (closing the spare channel,
         hence a channel of its own) once it has gone."""
         assert self._connection is not None
+        loop = asyncio.get_running_loop()
+        if self._alive_until.get(reply_to, 0.0) > loop.time():
+            # A caller sends many requests from one channel: one probe vouches for it for a moment, so a
+            # busy caller costs one round trip per CALLER_CHECK_TTL_S, not one per request.
+            return True
         async with self._probe_lock:
             try:
                 if self._probe_channel is None or self._probe_channel.is_closed:
@@ -339,7 +346,12 @@ class AmqpTransport:
                 return False
             except Exception as exc:  # cannot tell: assume the caller waits rather than drop its request
                 log.debug("caller check for %s inconclusive: %r", reply_to[:60], exc)
-            return True
+                return True
+        if len(self._alive_until) > 10_000:
+            now = loop.time()
+            self._alive_until = {k: t for k, t in self._alive_until.items() if t > now}
+        self._alive_until[reply_to] = loop.time() + CALLER_CHECK_TTL_S
+        return True
 
     def _on_reconnect(self, *_: Any) -> None:
         log.warning("reconnected to the broker; unacked deliveries from the old channel will be redelivered")
