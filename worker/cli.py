@@ -8,13 +8,17 @@ import contextlib
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from worker import __version__, logs
 
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
-def _settings() -> object:
+
+def _settings() -> Settings:
     from worker.settings import Settings
 
     try:
@@ -27,12 +31,17 @@ def _settings() -> object:
         sys.exit("\n".join(lines))
 
 
-def _run(args: argparse.Namespace) -> None:
-    from worker.app import run_worker
+def _broker_url(args: argparse.Namespace) -> str:
+    """--url, else AMQP_URL, else the local default. Client commands need no full Settings (no Gemini key)."""
     from worker.settings import Settings
 
+    return str(args.url or os.environ.get("AMQP_URL") or Settings.model_fields["amqp_url"].default.get_secret_value())
+
+
+def _run(args: argparse.Namespace) -> None:
+    from worker.app import run_worker
+
     settings = _settings()  # validated once here, so a bad setting fails before any child starts
-    assert isinstance(settings, Settings)
     logs.configure(settings.log_level, settings.log_format)
     if args.processes > 1:
         from worker.supervisor import Supervisor
@@ -63,11 +72,8 @@ def _emulator(args: argparse.Namespace) -> None:
 def _embed(args: argparse.Namespace) -> None:
     from worker.client import EmbedClientError
     from worker.embed_file import embed_file, print_vectors
-    from worker.settings import Settings
 
-    # Only the broker URL is needed here, so no full Settings (which would demand a Gemini key).
-    default_url = Settings.model_fields["amqp_url"].default.get_secret_value()
-    url = args.url or os.environ.get("AMQP_URL") or default_url
+    url = _broker_url(args)
     options = {"model": args.model, "task_type": args.task_type, "output_dimensionality": args.dimensions}
     if not args.file and not args.texts:
         sys.exit("embed-worker embed: give texts, or --file")
@@ -95,10 +101,8 @@ def _embed(args: argparse.Namespace) -> None:
 
 def _flush(args: argparse.Namespace) -> None:
     from worker.client import EmbedClient
-    from worker.settings import Settings
 
-    default_url = Settings.model_fields["amqp_url"].default.get_secret_value()
-    url = args.url or os.environ.get("AMQP_URL") or default_url
+    url = _broker_url(args)
 
     async def call() -> int:
         async with EmbedClient(url, timeout=args.timeout) as client:
@@ -118,7 +122,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     config = BenchConfig(
-        amqp_url=args.url or os.environ.get("AMQP_URL") or BenchConfig.amqp_url,
+        amqp_url=_broker_url(args),
         requests=args.requests,
         batch_size=args.batch_size,
         max_wait_ms=args.max_wait_ms,

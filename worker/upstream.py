@@ -61,14 +61,11 @@ class UpstreamCaller:
         self._rate = rate_limiter or RateLimiter()
         self._concurrency = concurrency
         self.breaker = breaker
-        self.calls = 0
-        self.retries = 0
 
     async def embed(self, texts: Sequence[str], config: EmbedConfig) -> list[Outcome]:
         attempt = 0
         while True:
             attempt += 1
-            self.calls += 1
             try:
                 vectors = await self._call(texts, config)
             except UpstreamInvalidInput as exc:
@@ -120,7 +117,6 @@ class UpstreamCaller:
 
     async def _backoff(self, attempt: int, exc: UpstreamError) -> None:
         delay = self._policy.delay(attempt, exc.retry_after, self._rng)
-        self.retries += 1
         self.metrics.retries.inc()
         log.warning("upstream %s (attempt %d); retrying in %.2fs", exc.message, attempt, delay)
         await self._sleep(delay)
