@@ -1,85 +1,61 @@
-"""Composition root: build every part from one ``Settings`` and run the worker until told to stop."""
+"""Composition root: build every part from one ``Settings`` and run the worker until told to stop.
+
+The only module that knows every other one. Start order: the embedder, the broker connection and topology, the
+RPC lane, the deferred lane, then the health endpoints; on SIGTERM, ``_drain`` stops them in the reverse order
+of the work's flow (stop taking, flush, answer, settle) within SHUTDOWN_GRACE_S.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import signal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
-from worker.amqp import AmqpConfig, AmqpTransport
-from worker.deferred import DeferredConfig, DeferredLane
+from worker.amqp.connection import AmqpConfig, connect, connect_plain, declare_topology
+from worker.amqp.deferred import AmqpDeferredQueue
+from worker.amqp.publish import Publisher
+from worker.amqp.rpc import RpcConsumer, RpcReplies
+from worker.amqp.settle import Settler
+from worker.deferred import DeferredConfig
+from worker.deferred.jobs import JobRounds
+from worker.deferred.rounds import SyncRounds
+from worker.deferred.scheduler import DeferredLane
 from worker.embedders.gemini import GeminiEmbedder
 from worker.embedders.gemini_batch import GeminiBatchJobs
 from worker.emulator import EmulatorThread
+from worker.errors import ConfigurationError
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
+from worker.frugal import Frugal
 from worker.messages import RequestLimits
 from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
+from worker.ports import Limiter
+from worker.redis_cache import RedisVectorCache
+from worker.redis_quota import FleetLimiter
 from worker.redis_store import RedisVectorStore
 from worker.service import BatchingConfig, EmbedService
 from worker.settings import Settings
 from worker.upstream import RetryPolicy, UpstreamCaller
 
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractRobustConnection
+
 log = logging.getLogger(__name__)
 
 
-def amqp_config(settings: Settings, name: str = "embed-worker") -> AmqpConfig:
-    return AmqpConfig(
-        url=settings.amqp_url.get_secret_value(),
-        prefetch=settings.effective_prefetch,
-        queue_type=settings.queue_type,
-        delivery_limit=settings.delivery_limit,
-        ca_file=settings.amqp_ca_file,
-        cert_file=settings.amqp_cert_file,
-        key_file=settings.amqp_key_file,
-        connection_name=name,
-        reconnect_interval=settings.amqp_reconnect_interval_s,
-    )
-
-
-def request_limits(settings: Settings) -> RequestLimits:
-    return RequestLimits(
-        default_model=settings.gemini_model,
-        models=settings.models,
-        max_body_bytes=settings.max_body_bytes,
-        max_texts=settings.max_texts_per_request,
-        max_tokens_per_text=settings.max_tokens_per_text,
-    )
-
-
-def deferred_config(settings: Settings) -> DeferredConfig:
-    return DeferredConfig(
-        batch_max_size=settings.deferred_batch_max_size,
-        max_concurrent=settings.deferred_max_concurrent_batches,
-        max_messages=settings.deferred_max_messages,
-        flush_interval_s=settings.deferred_flush_interval_s,
-        wake_depth=settings.deferred_wake_messages,
-        poll_s=settings.deferred_poll_s,
-        skip_unchanged=settings.deferred_skip_unchanged,
-        batch_api=settings.deferred_batch_api,
-        batch_api_poll_s=settings.deferred_batch_api_poll_s,
-    )
-
-
-def build_service(
-    settings: Settings, upstream: UpstreamCaller, transport: AmqpTransport, metrics: Metrics
-) -> EmbedService:
-    return EmbedService(
-        upstream,
-        transport,
-        limits=request_limits(settings),
-        batching=BatchingConfig(
-            max_size=settings.batch_max_size,
-            max_wait_s=settings.batch_max_wait_ms / 1000,
-            max_concurrent=settings.max_concurrent_batches,
-        ),
-        reply_to=settings.reply_to_regex,
-        metrics=metrics,
-        check_callers=settings.check_callers,
-    )
+@dataclass
+class _Running:
+    consumer: RpcConsumer
+    service: EmbedService
+    settler: Settler
+    lane_task: asyncio.Task[None] | None
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
@@ -92,105 +68,227 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    lane_stop = asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        running = await _start(settings, stack, lane_stop)
+        log.info(
+            "ready: batch size %d, max wait %.0f ms, %d concurrent batches, prefetch %d, model %s, event loop %s",
+            settings.batch_max_size,
+            settings.batch_max_wait_ms,
+            settings.max_concurrent_batches,
+            settings.effective_prefetch,
+            settings.gemini_model,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
+        )
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        lane_stop.set()
+        await _drain(settings, running)
+    log.info("stopped")
 
-    emulator: EmulatorThread | None = None
+
+async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop: asyncio.Event) -> _Running:
+    """Build and start everything; ``stack`` closes it all again, in reverse order."""
+    metrics = Metrics()
+    embedder = _embedder(settings, stack)
+    stack.push_async_callback(embedder.aclose)
+
+    log.info("connecting to %s", settings.amqp_url_redacted)
+    config = AmqpConfig.from_settings(settings)
+    connection = await connect(config)
+    stack.push_async_callback(_close_connection, connection)
+    # Replies (and parked copies) on a connection of their own, caller probes on a third: see amqp/rpc.py RpcReplies.
+    publish_connection = await connect(dataclasses.replace(config, connection_name="embed-worker-publish"))
+    stack.push_async_callback(_close_connection, publish_connection)
+    await declare_topology(
+        connection, settings.queue_type, settings.delivery_limit, settings.quorum_initial_group_size
+    )  # on a robust channel: declared again after a reconnect
+    publisher = await Publisher.open(publish_connection)
+    settler = Settler(publisher, metrics)
+    probe = functools.partial(connect_plain, config, "embed-worker-probe") if settings.check_callers else None
+    replies = RpcReplies(publisher, probe)
+    stack.push_async_callback(replies.aclose)
+
+    consumer: RpcConsumer | None = None
+    breaker = CircuitBreaker(
+        settings.breaker_failures,
+        settings.breaker_cooldown_s,
+        on_open=lambda: consumer.pause() if consumer else None,
+        on_close=lambda: consumer.resume() if consumer else None,
+    )
+    upstream = UpstreamCaller(
+        embedder,
+        RetryPolicy.from_settings(settings),
+        metrics=metrics,
+        rate_limiter=_limiter(settings, stack, metrics),
+        concurrency=AdaptiveConcurrency(settings.max_concurrent_batches),
+        breaker=breaker,
+    )
+    frugal = _frugal(settings, stack, upstream, metrics)
+    service = EmbedService(
+        frugal,
+        replies,
+        limits=RequestLimits.from_settings(settings),
+        batching=BatchingConfig.from_settings(settings),
+        reply_to=settings.reply_to_regex,
+        metrics=metrics,
+        check_callers=settings.check_callers,
+    )
+    for warning in settings.prefetch_warnings():
+        log.warning(warning)
+    consumer = RpcConsumer(connection, settings.effective_prefetch, settler, service.handle)
+    await consumer.start()
+    metrics.inflight.set_function(lambda: consumer.inflight)
+    metrics.paused.set_function(lambda: int(consumer.paused))
+    metrics.ready.set_function(lambda: int(consumer.ready))
+
+    lane_task = await _start_lane(
+        settings,
+        stack,
+        connection=connection,
+        settler=settler,
+        publisher=publisher,
+        replies=replies,
+        upstream=frugal,
+        embedder=embedder,
+        lane_stop=lane_stop,
+    )
+    if settings.metrics_port is not None:
+        try:
+            health = await serve_metrics(metrics, lambda: consumer.ready, settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise ConfigurationError(f"METRICS_PORT: cannot serve metrics on {where}: {exc.strerror or exc}") from exc
+        stack.push_async_callback(health.aclose)
+    return _Running(consumer, service, settler, lane_task)
+
+
+def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics) -> Limiter:
+    """The API budget: this process's own, or the fleet's through Redis."""
+    if settings.upstream_limit_scope == "process" or not (settings.upstream_rpm or settings.upstream_tpm):
+        return RateLimiter(settings.upstream_rpm, settings.upstream_tpm, window=settings.upstream_window_s)
+    assert settings.redis_url is not None  # the settings validator says so
+    fleet = FleetLimiter(
+        settings.redis_url.get_secret_value(),
+        prefix=settings.redis_key_prefix,
+        calls=settings.upstream_rpm,
+        tokens=settings.upstream_tpm,
+        window_s=settings.upstream_window_s,
+        metrics=metrics,
+    )
+    stack.push_async_callback(fleet.aclose)
+    log.info(
+        "fleet rate limit: %g calls, %g tokens per %gs",
+        settings.upstream_rpm,
+        settings.upstream_tpm,
+        settings.upstream_window_s,
+    )
+    return fleet
+
+
+def _frugal(settings: Settings, stack: contextlib.AsyncExitStack, upstream: UpstreamCaller, metrics: Metrics) -> Frugal:
+    """Duplicate inputs of a call are always sent once; with CACHE_TTL_S, repeated inputs cost no call at all."""
+    cache = None
+    if settings.cache_ttl_s > 0:
+        assert settings.redis_url is not None
+        cache = RedisVectorCache(
+            settings.redis_url.get_secret_value(),
+            ttl_s=settings.cache_ttl_s,
+            timeout_s=settings.cache_timeout_ms / 1000,
+        )
+        stack.push_async_callback(cache.aclose)
+        log.info("embedding cache on: entries kept %gs", settings.cache_ttl_s)
+    frugal = Frugal(upstream, metrics=metrics, cache=cache, cache_prefix=settings.redis_key_prefix)
+    stack.push_async_callback(frugal.close)
+    return frugal
+
+
+def _embedder(settings: Settings, stack: contextlib.AsyncExitStack) -> GeminiEmbedder:
     api_key, base_url = settings.gemini_api_key, settings.gemini_base_url
     if settings.embed_backend == "emulator":
         emulator = EmulatorThread()
         base_url = emulator.start()
+        stack.callback(emulator.stop)
         api_key = SecretStr("emulator")
         log.warning("EMBED_BACKEND=emulator: vectors are synthetic, served by the bundled emulator at %s", base_url)
     assert api_key is not None
-    embedder = GeminiEmbedder(
+    return GeminiEmbedder(
         api_key=api_key,
         base_url=base_url,
         timeout_s=settings.upstream_timeout_s,
         fast_path=settings.gemini_fast_path,
         max_connections=settings.max_concurrent_batches * 4,
     )
-    transport = AmqpTransport(amqp_config(settings))
-    metrics = Metrics()
-    metrics.inflight.set_function(lambda: transport.inflight)
-    metrics.paused.set_function(lambda: int(transport.paused))
-    metrics.ready.set_function(lambda: int(transport.ready))
-    upstream = UpstreamCaller(
-        embedder,
-        RetryPolicy(
-            max_attempts=settings.retry_max_attempts,
-            base_delay=settings.retry_base_delay_ms / 1000,
-            max_delay=settings.retry_max_delay_ms / 1000,
-        ),
-        rate_limiter=RateLimiter(settings.upstream_rpm, settings.upstream_tpm),
-        concurrency=AdaptiveConcurrency(settings.max_concurrent_batches),
-        breaker=CircuitBreaker(
-            settings.breaker_failures, settings.breaker_cooldown_s, on_open=transport.pause, on_close=transport.resume
-        ),
-        metrics=metrics,
+
+
+async def _start_lane(
+    settings: Settings,
+    stack: contextlib.AsyncExitStack,
+    *,
+    connection: AbstractRobustConnection,
+    settler: Settler,
+    publisher: Publisher,
+    replies: RpcReplies,
+    upstream: Frugal,
+    embedder: GeminiEmbedder,
+    lane_stop: asyncio.Event,
+) -> asyncio.Task[None] | None:
+    """The deferred lane, when REDIS_URL turns it on."""
+    if settings.redis_url is None or not settings.deferred_enabled:
+        return None
+    config = DeferredConfig.from_settings(settings)
+    store = RedisVectorStore(settings.redis_url.get_secret_value(), settings.batch_jobs_key)
+    stack.push_async_callback(store.aclose)
+    queue = AmqpDeferredQueue(connection, settler, publisher)
+    await queue.open()
+    rounds = SyncRounds(
+        store,
+        upstream,
+        batch_max_size=config.batch_max_size,
+        max_concurrent=config.max_concurrent,
+        skip_unchanged=config.skip_unchanged,
+        reserved_prefix=settings.redis_key_prefix,
+        budgets=BatchingConfig.from_settings(settings),
     )
-    service = build_service(settings, upstream, transport, metrics)
-    health = None
-    if settings.metrics_port is not None:
-        health = await serve_metrics(metrics, lambda: transport.ready, settings.metrics_host, settings.metrics_port)
-    for warning in settings.prefetch_warnings():
-        log.warning(warning)
-    lane, store, lane_task = None, None, None
-    lane_stop = asyncio.Event()
-    if settings.redis_url is not None and settings.deferred_enabled:
-        store = RedisVectorStore(settings.redis_url.get_secret_value(), settings.deferred_batch_api_jobs_key)
-        lane = DeferredLane(
-            transport,
+    jobs = None
+    if config.batch_api:
+        jobs = JobRounds(
+            GeminiBatchJobs(embedder.client),
             store,
-            upstream,
-            transport,
-            limits=request_limits(settings),
-            config=deferred_config(settings),
-            reply_to=settings.reply_to_regex,
-            jobs=GeminiBatchJobs(embedder.client) if settings.deferred_batch_api else None,
+            queue,
+            skip_unchanged=config.skip_unchanged,
+            reserved_prefix=settings.redis_key_prefix,
         )
-    try:
-        log.info("connecting to %s", settings.amqp_url_redacted)
-        await transport.connect()
-        await transport.start_consuming(service.handle)
-        if lane is not None:
-            await transport.consume_flush_requests(lane.request_flush)
-            lane_task = asyncio.create_task(lane.run(lane_stop))
-            log.info(
-                "deferred lane on: flush every %.0fs or at %d messages",
-                settings.deferred_flush_interval_s,
-                settings.deferred_wake_messages,
-            )
-        log.info(
-            "ready: batch size %d, max wait %.0f ms, %d concurrent batches, prefetch %d, model %s",
-            settings.batch_max_size,
-            settings.batch_max_wait_ms,
-            settings.max_concurrent_batches,
-            settings.effective_prefetch,
-            settings.gemini_model,
-        )
-        if ready is not None:
-            ready.set()
-        await stop.wait()
-        lane_stop.set()
-        await _drain(settings, transport, service)
-        if lane_task is not None:
-            # A round in progress finishes (write, ack); otherwise its messages go back to the queue.
-            await asyncio.wait({lane_task}, timeout=settings.shutdown_grace_s)
-    finally:
-        if lane_task is not None and not lane_task.done():
-            lane_task.cancel()
-        if store is not None:
-            await store.aclose()
-        if health is not None:
-            health.close()
-        await transport.close()
-        await embedder.aclose()
-        if emulator is not None:
-            emulator.stop()
-        log.info("stopped")
+    lane = DeferredLane(
+        queue,
+        store,
+        rounds,
+        replies,
+        limits=RequestLimits.from_settings(settings),
+        config=config,
+        reply_to=settings.reply_to_regex,
+        jobs=jobs,
+    )
+    await queue.listen_for_flush(lane.request_flush)
+    task = asyncio.create_task(lane.run(lane_stop))
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    stack.push_async_callback(cancel)
+    log.info(
+        "deferred lane on: flush every %.0fs or at %d messages",
+        settings.deferred_flush_interval_s,
+        settings.deferred_wake_messages,
+    )
+    return task
 
 
-async def _drain(settings: Settings, transport: AmqpTransport, service: EmbedService) -> None:
-    """Stop taking work, send partial batches now, publish and ack what we hold, within the grace.
+async def _drain(settings: Settings, running: _Running) -> None:
+    """Stop taking work, send partial batches now, publish, settle what we hold, within the grace.
 
     Every step is bounded by what is left of the grace period, so a worker whose broker is unreachable
     still exits on time (the broker requeues whatever was unacked)."""
@@ -200,13 +298,26 @@ async def _drain(settings: Settings, transport: AmqpTransport, service: EmbedSer
     def left() -> float:
         return max(0.0, deadline - loop.time())
 
-    log.info("stopping: %d requests in hand, grace %.1fs", transport.inflight, settings.shutdown_grace_s)
+    consumer = running.consumer
+    log.info("stopping: %d requests in hand, grace %.1fs", consumer.inflight, settings.shutdown_grace_s)
     try:
-        await asyncio.wait_for(transport.stop_consuming(), min(5.0, left()))
+        await asyncio.wait_for(consumer.stop(), min(5.0, left()))
     except TimeoutError:
         log.warning("could not cancel the consumer in time (broker unreachable?); closing anyway")
-    await service.close(timeout=left())
+    await running.service.close(timeout=left())
     try:
-        await asyncio.wait_for(transport.wait_idle(), left())
+        await asyncio.wait_for(consumer.wait_idle(), left())
     except TimeoutError:
-        log.warning("grace period over with %d requests unanswered; the broker will redeliver them", transport.inflight)
+        log.warning("grace period over with %d requests unanswered; the broker will redeliver them", consumer.inflight)
+    if running.lane_task is not None:
+        # A round in progress finishes (write, settle); otherwise its messages go back to the queue.
+        await asyncio.wait({running.lane_task}, timeout=left())
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(running.settler.drain(), max(left(), 1.0))  # the last acks, before the connection closes
+
+
+async def _close_connection(connection: AbstractRobustConnection, timeout: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(connection.close(), timeout)
+    except Exception as exc:
+        log.warning("broker connection did not close cleanly (%r)", exc)

@@ -2,9 +2,11 @@
 
 Items are grouped per *key* (callers use it for "what configuration does this call need"); a key's
 open batch is sent when it holds ``max_size`` items or when its oldest item has waited ``max_wait``
-seconds. At most ``max_concurrent`` batches are processed at once, so a slow call does not stop the
-next batch from forming. A batch that timed out while every slot was busy stays open and keeps
-taking items until a slot frees, so under saturation batches go out full.
+seconds. With ``weigh`` and ``budgets``, a batch is also sent when the next item would take any of its
+weights (bytes, tokens...) past its budget; that item starts the next batch. At most ``max_concurrent``
+batches are processed at once, so a slow call does not stop the next batch from forming. A batch that
+timed out while every slot was busy stays open and keeps taking items until a slot frees, so under
+saturation batches go out full.
 
 A submission larger than the room left is split over several batches and answered once, in order.
 If any batch carrying part of a submission fails, the submission fails with that exception and its
@@ -54,7 +56,7 @@ class BatcherClosed(RuntimeError):
 class BatchStats:
     key: Hashable
     size: int
-    reason: str  # "size", "timeout" or "flush"
+    reason: str  # "size", "budget", "timeout" or "flush"
     waited: float  # seconds from the batch's first item to its send
     duration: float  # seconds the process function took
     error: BaseException | None
@@ -75,12 +77,13 @@ class _Job(Generic[R]):
 class _Bucket(Generic[R]):
     """One batch in the making: entries are (job, index in that job's items, item)."""
 
-    __slots__ = ("created", "due", "entries", "key", "open", "reason", "started", "timer")
+    __slots__ = ("created", "due", "entries", "key", "load", "open", "reason", "started", "timer")
 
-    def __init__(self, key: Any, created: float):
+    def __init__(self, key: Any, created: float, budgets: int):
         self.key = key
         self.created = created
         self.entries: list[tuple[_Job[R], int, object]] = []
+        self.load = [0] * budgets  # the sum of its items' weights, per budget
         self.timer: asyncio.Task[None] | None = None
         self.open = True  # still takes items
         self.due = False  # queued for sending
@@ -98,10 +101,15 @@ class Batcher(Generic[K, T, R]):
         max_concurrent: int = 1,
         clock: Clock | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        weigh: Callable[[K], Callable[[T], Sequence[int]] | None] | None = None,
+        budgets: Sequence[int] = (),
     ):
         if max_size < 1 or max_concurrent < 1 or max_wait < 0:
             raise ValueError("max_size and max_concurrent must be >= 1, max_wait >= 0")
         self._process = process
+        # weigh(key): how to weigh that key's items, or None when no budget can bind for it (then it costs nothing)
+        self._weigh = weigh if weigh is not None and any(budgets) else None
+        self._budgets = tuple(budget or 2**62 for budget in budgets)  # 0: no limit
         self.max_size = max_size
         self.max_wait = max_wait
         self.max_concurrent = max_concurrent
@@ -133,7 +141,10 @@ class Batcher(Generic[K, T, R]):
         if not items:
             return []
         job: _Job[R] = _Job(len(items), asyncio.get_running_loop().create_future())
-        offset = 0
+        weigh = self._weigh(key) if self._weigh is not None else None
+        if weigh is not None:
+            self._place_weighed(key, items, job, weigh)
+        offset = len(items) if weigh is not None else 0
         while offset < len(items):
             bucket = self._open.get(key)
             if bucket is None:
@@ -151,6 +162,33 @@ class Batcher(Generic[K, T, R]):
         except asyncio.CancelledError:
             self._withdraw(job)
             raise
+
+    def _place_weighed(self, key: K, items: Sequence[T], job: _Job[R], weigh: Callable[[T], Sequence[int]]) -> None:
+        """Item by item: a batch closes when the next item would take it past any budget (or past ``max_size``).
+        An item over a budget on its own still goes, alone: refusing it is the caller's decision."""
+        for index, item in enumerate(items):
+            weights = weigh(item)
+            bucket = self._open.get(key)
+            if (
+                bucket is not None
+                and bucket.entries
+                and any(
+                    load + weight > budget
+                    for load, weight, budget in zip(bucket.load, weights, self._budgets, strict=True)
+                )
+            ):
+                self._close_bucket(bucket)
+                self._make_due(bucket, "budget")
+                bucket = None
+            if bucket is None:
+                bucket = self._new_bucket(key)
+            bucket.entries.append((job, index, item))
+            bucket.load = [load + weight for load, weight in zip(bucket.load, weights, strict=True)]
+            if not job.buckets or job.buckets[-1] is not bucket:
+                job.buckets.append(bucket)
+            if len(bucket.entries) >= self.max_size:
+                self._close_bucket(bucket)
+                self._make_due(bucket, "size")
 
     def flush(self) -> None:
         """Send every open batch now, without waiting for size or age."""
@@ -175,7 +213,7 @@ class Batcher(Generic[K, T, R]):
 
     # ------------------------------------------------------------------ internals
     def _new_bucket(self, key: K) -> _Bucket[R]:
-        bucket: _Bucket[R] = _Bucket(key, self._clock.now())
+        bucket: _Bucket[R] = _Bucket(key, self._clock.now(), len(self._budgets))
         self._open[key] = bucket
         self._idle.clear()
         if self.max_wait == 0:

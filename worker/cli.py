@@ -1,4 +1,10 @@
-"""Command line: argument parsing and start-up only; the work lives in the modules it calls."""
+"""Command line: argument parsing and start-up only; the work lives in the modules it calls.
+
+A start-up failure is one readable line naming the setting or the endpoint and the cause, and an exit code:
+2 for a bad configuration (an invalid setting, a login the broker refuses, a missing vhost, a port in use), 1 when
+the broker did not answer within AMQP_CONNECT_TIMEOUT_S or a client command failed. The traceback is printed
+only with LOG_LEVEL=DEBUG.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,14 @@ import contextlib
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from worker import __version__, logs
+from worker.errors import ConfigurationError, StartupError
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -28,7 +37,23 @@ def _settings() -> Settings:
         for err in exc.errors():
             name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
             lines.append(f"  {name}: {err['msg'].removeprefix('Value error, ')}")
-        sys.exit("\n".join(lines))
+        _fail("\n".join(lines), ConfigurationError.exit_code)
+    except SettingsError as exc:  # e.g. ALLOWED_MODELS that is not JSON: pydantic-settings fails before validating
+        field = str(exc).split('"')[1] if '"' in str(exc) else "settings"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        _fail(
+            f"embed-worker: invalid settings:\n  {field.upper()}: cannot be parsed{cause}", ConfigurationError.exit_code
+        )
+
+
+def _fail(message: str, code: int, exc: BaseException | None = None) -> NoReturn:
+    """One readable line (or a few) and an exit code; the traceback only when LOG_LEVEL=DEBUG."""
+    if exc is not None and os.environ.get("LOG_LEVEL", "").upper() == "DEBUG":
+        import traceback
+
+        traceback.print_exception(exc)
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 def _broker_url(args: argparse.Namespace) -> str:
@@ -48,7 +73,23 @@ def _run(args: argparse.Namespace) -> None:
 
         supervisor = Supervisor(args.processes, grace_s=settings.shutdown_grace_s, metrics_port=settings.metrics_port)
         sys.exit(supervisor.run())
-    asyncio.run(run_worker(settings))
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            runner.run(run_worker(settings))
+    except StartupError as exc:
+        _fail(f"embed-worker: {exc}", exc.exit_code, exc)
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop unless EVENT_LOOP=asyncio (or uvloop is not installed, e.g. on Windows)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logging.getLogger("worker").warning("uvloop is not installed here; running on asyncio's own event loop")
+        return None
+    return uvloop.new_event_loop
 
 
 def _emulator(args: argparse.Namespace) -> None:
@@ -70,7 +111,7 @@ def _emulator(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    from worker.client import EmbedClientError
+    from worker.client import EmbedClientError, EmbedTimeout
     from worker.embed_file import embed_file, print_vectors
 
     url = _broker_url(args)
@@ -93,14 +134,14 @@ def _embed(args: argparse.Namespace) -> None:
             print(f"{count} embeddings written to {args.output}", file=sys.stderr)
         else:
             asyncio.run(print_vectors(url, args.texts, options, timeout=args.timeout, as_json=args.json))
+    except EmbedTimeout:
+        _fail("embed-worker: no reply in time (is a worker running?)", 1)
     except EmbedClientError as exc:
-        sys.exit(f"embed-worker: error reply: {exc}")
-    except TimeoutError:
-        sys.exit("embed-worker: no reply in time (is a worker running?)")
+        _fail(f"embed-worker: {_client_error(exc)}", 1, exc)
 
 
 def _flush(args: argparse.Namespace) -> None:
-    from worker.client import EmbedClient
+    from worker.client import EmbedClient, EmbedClientError, EmbedTimeout
 
     url = _broker_url(args)
 
@@ -110,8 +151,20 @@ def _flush(args: argparse.Namespace) -> None:
 
     try:
         print(f"flushed: {asyncio.run(call())} vectors written")
-    except TimeoutError:
-        sys.exit("embed-worker: no worker answered the flush (is one running with REDIS_URL set?)")
+    except EmbedTimeout:
+        _fail("embed-worker: no worker answered the flush (is one running with REDIS_URL set?)", 1)
+    except EmbedClientError as exc:
+        _fail(f"embed-worker: {_client_error(exc)}", 1, exc)
+
+
+def _client_error(exc: Exception) -> str:
+    """The client's own failures name their cause; the worker's error replies are shown with their code."""
+    from worker.client import EmbedClientError
+
+    assert isinstance(exc, EmbedClientError)
+    if exc.code in ("unreachable", "connection_lost", "malformed_reply"):
+        return exc.message
+    return f"error reply: {exc.code}: {exc.message}"
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -120,6 +173,8 @@ def _bench(args: argparse.Namespace) -> None:
     from worker.bench.report import main as bench_main
     from worker.bench.scenarios import SCENARIOS, BenchConfig
 
+    if args.scenario != "all" and args.scenario not in SCENARIOS:
+        sys.exit(f"embed-worker bench: unknown scenario {args.scenario!r}; choose from {', '.join(SCENARIOS)} or all")
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     config = BenchConfig(
         amqp_url=_broker_url(args),
@@ -175,9 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     flush.set_defaults(func=_flush)
 
     bench = sub.add_parser("bench", help="run a benchmark scenario against RabbitMQ and the emulator")
-    bench.add_argument(
-        "scenario", choices=["drain", "latency", "upstream-bound", "dims", "scale", "baseline", "memory", "all"]
-    )
+    bench.add_argument("scenario", help="a scenario of worker/bench/scenarios.py (SCENARIOS), or all")
     bench.add_argument("--url", default=None, help="broker URL (default: AMQP_URL or the local broker)")
     bench.add_argument("--requests", type=int, default=20_000, help="requests per drain run")
     bench.add_argument("--batch-size", type=int, default=100)

@@ -1,42 +1,55 @@
 """An asyncio caller library: publish embed requests, await replies over Direct Reply-to.
 
-This is the caller side, so it imports aio-pika itself; the worker's own AMQP code is in
-``worker.amqp``. Usage::
+This is the caller side, so it imports aio-pika itself (the worker's own AMQP adapters are in ``worker.amqp``);
+the bytes on the wire come from ``worker.messages`` and the names from ``worker.topology``, as the worker's do.
+Usage::
 
     async with EmbedClient("amqp://guest:guest@localhost/") as client:
         vectors = await client.embed(["first text", "second text"], task_type="RETRIEVAL_DOCUMENT")
+
+Every failure is an ``EmbedClientError`` with a ``code``: the worker's error codes (``invalid_request``,
+``upstream_error``, ...), or the client's own (``timeout``, ``connection_lost``, ``unreachable``,
+``malformed_reply``). A timeout is also a ``TimeoutError``. The connection is robust: when it drops, calls in
+flight fail at once with ``connection_lost`` (their replies were addressed to a Direct Reply-to name that died
+with the channel) and later calls work again once it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from types import TracebackType
 from typing import Any
 
 import aio_pika
-import numpy as np
-import orjson
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
 
+from worker.amqp import codec
+from worker.amqp.connection import connect_any
+from worker.logs import redact_url
 from worker.messages import (
-    DEADLINE_HEADER,
-    FLOAT32_CONTENT_TYPE,
+    FLUSH_REQUEST,
     JSON_CONTENT_TYPE,
-    Vectors,
-    decode_float32_reply,
+    ErrorReply,
+    MalformedReply,
+    decode_flush_reply,
+    decode_reply,
+    encode_deferred_items,
+    encode_request,
 )
+from worker.topology import DEADLINE_HEADER, DEFERRED_KEY, DIRECT_REPLY_TO, EXCHANGE, FLUSH_KEY, ROUTING_KEY
+from worker.vectors import FloatArray
 
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-ROUTING_KEY = "embed.requests"
-EXCHANGE = "embed.requests"
-DEFERRED_KEY = "embed.deferred"
-FLUSH_KEY = "embed.deferred.flush"
+log = logging.getLogger(__name__)
 
 
 class EmbedClientError(Exception):
-    """The worker answered with an error."""
+    """A call failed. ``code`` is the worker's error code, or one of the client's: ``timeout``,
+    ``connection_lost``, ``unreachable``, ``malformed_reply``. ``retryable``: trying again later may succeed."""
 
     def __init__(self, code: str, message: str, retryable: bool):
         super().__init__(f"{code}: {message}")
@@ -45,22 +58,62 @@ class EmbedClientError(Exception):
         self.retryable = retryable
 
 
+class EmbedTimeout(EmbedClientError, TimeoutError):
+    """No reply within the call's timeout (also a ``TimeoutError``)."""
+
+    def __init__(self, timeout: float):
+        super().__init__("timeout", f"no reply within {timeout:g} s", retryable=True)
+
+
 class EmbedClient:
     def __init__(self, url: str, *, timeout: float = 30.0, max_in_flight: int = 256, exchange: str = ""):
+        if timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
         self._url = url
         self._timeout = timeout
         self._exchange_name = exchange
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._pending: dict[str, asyncio.Future[DeliveredMessage]] = {}
+        self._listening = asyncio.Event()  # set while the Direct Reply-to consumer is in place
 
     async def connect(self) -> None:
-        self._connection = await aio_pika.connect(self._url)
+        codec.install()  # a reply with a non-UTF-8 property must not close our connection
+        try:
+            self._connection = await connect_any(self._url, client_properties={"connection_name": "embed-client"})
+        except (aiormq.exceptions.ProbableAuthenticationError, aiormq.exceptions.AMQPConnectionError, OSError) as exc:
+            where = redact_url(self._url)
+            raise EmbedClientError(
+                "unreachable", f"cannot connect to the broker at {where}: {_cause(exc)}", True
+            ) from None
+        # Calls in flight fail the moment the connection drops: its close callbacks run on a broker's close and on
+        # a dead TCP connection alike (a killed node); the channel's own closing future covers a closed channel.
+        self._connection.close_callbacks.add(self._lost)
         self._channel = await self._connection.channel()
-        # Direct Reply-to: consume the pseudo-queue in no-ack mode on the channel we publish from.
-        queue = await self._channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-        await queue.consume(self._on_reply, no_ack=True)
+        self._channel.reopen_callbacks.add(self._reopened)
+        await self._listen()
+
+    async def _listen(self) -> None:
+        """Direct Reply-to: consume the pseudo-queue, without acks, on the channel we publish from; and learn
+        at once when that channel dies."""
+        assert self._channel is not None
+        channel = await aio_pika.Channel.get_underlay_channel(self._channel)  # type: ignore[arg-type]
+        await channel.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
+        channel.closing.add_done_callback(self._lost)
+        self._listening.set()
+
+    async def _reopened(self, _: object) -> None:
+        await self._listen()
+
+    def _lost(self, *_: object) -> None:
+        """The channel died: replies to calls in flight were addressed to it and will never come. New calls wait
+        (within their timeout) until the connection is back and listening again."""
+        self._listening.clear()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(EmbedClientError("connection_lost", "the broker connection was lost", True))
 
     async def close(self) -> None:
         for future in self._pending.values():
@@ -77,8 +130,8 @@ class EmbedClient:
     ) -> None:
         await self.close()
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.pop(message.correlation_id or "", None)
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        future = self._pending.pop(message.header.properties.correlation_id or "", None)
         if future is not None and not future.done():
             future.set_result(message)
 
@@ -91,78 +144,99 @@ class EmbedClient:
         output_dimensionality: int | None = None,
         timeout: float | None = None,
         binary: bool = False,
-    ) -> Vectors:
-        """Vectors for ``texts`` in order; raises EmbedClientError or TimeoutError.
+    ) -> FloatArray:
+        """One vector per text, in order; raises ``EmbedClientError`` (``EmbedTimeout`` on timeout).
 
-        The timeout also becomes the request's ``x-deadline``, so the worker spends no upstream call
-        on a request whose caller has stopped waiting. ``binary`` asks for the float32 reply encoding.
-        """
-        body: dict[str, Any] = {"texts": texts}
-        if binary:
-            body["reply_encoding"] = "float32"
-        if model:
-            body["model"] = model
-        if task_type:
-            body["task_type"] = task_type
-        if output_dimensionality:
-            body["output_dimensionality"] = output_dimensionality
-        message = await self.request(orjson.dumps(body), timeout=timeout)
-        if message.content_type == FLOAT32_CONTENT_TYPE:
-            return decode_float32_reply(message.body, message.headers or {})
-        reply = orjson.loads(message.body)
-        if "error" in reply:
-            err = reply["error"]
-            raise EmbedClientError(err["code"], err["message"], bool(err.get("retryable")))
-        return np.asarray(reply["embeddings"], dtype=np.float32)
+        The timeout (seconds, taken literally; None means the client's default) also becomes the request's
+        ``x-deadline``, so the worker spends no upstream call on a request whose caller has stopped waiting.
+        ``binary`` asks for the float32 reply encoding."""
+        body = encode_request(
+            texts,
+            model=model,
+            task_type=task_type,
+            output_dimensionality=output_dimensionality,
+            reply_encoding="float32" if binary else "json",
+        )
+        message = await self.request(body, timeout=timeout)
+        props = message.header.properties
+        try:
+            return decode_reply(message.body, props.content_type, props.headers, count=len(texts))
+        except ErrorReply as exc:
+            raise EmbedClientError(exc.code, exc.message, exc.retryable) from None
+        except MalformedReply as exc:
+            raise EmbedClientError("malformed_reply", str(exc), False) from None
 
     async def defer(self, items: list[tuple[str, str]], **options: Any) -> None:
         """Hand (key, text) pairs to the fire-and-forget lane; vectors land in Redis hashes by key."""
         assert self._channel is not None, "call connect() first"
-        body: dict[str, Any] = {"items": [{"key": k, "text": t} for k, t in items]}
-        body.update({k: v for k, v in options.items() if v is not None})
-        exchange = await self._channel.get_exchange(EXCHANGE, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                orjson.dumps(body), content_type=JSON_CONTENT_TYPE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-            ),
-            routing_key=DEFERRED_KEY,
-        )
+        try:
+            exchange = await self._channel.get_exchange(EXCHANGE, ensure=False)
+            await exchange.publish(
+                aio_pika.Message(
+                    encode_deferred_items(items, **options),
+                    content_type=JSON_CONTENT_TYPE,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=DEFERRED_KEY,
+            )
+        except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            raise EmbedClientError("connection_lost", f"could not publish: {_cause(exc)}", True) from None
 
     async def flush(self, *, timeout: float | None = None) -> int:
         """Ask every worker's deferred lane to drain now; returns the vectors the first to answer wrote."""
-        message = await self.request(b"{}", timeout=timeout, routing_key=FLUSH_KEY, exchange=EXCHANGE)
-        reply = orjson.loads(message.body)
-        if "error" in reply:
-            err = reply["error"]
-            raise EmbedClientError(err["code"], err["message"], bool(err.get("retryable")))
-        return int(reply["flushed"])
+        message = await self.request(FLUSH_REQUEST, timeout=timeout, routing_key=FLUSH_KEY, exchange=EXCHANGE)
+        try:
+            return decode_flush_reply(message.body)
+        except ErrorReply as exc:
+            raise EmbedClientError(exc.code, exc.message, exc.retryable) from None
+        except MalformedReply as exc:
+            raise EmbedClientError("malformed_reply", str(exc), False) from None
 
     async def request(
         self, body: bytes, *, timeout: float | None = None, routing_key: str = ROUTING_KEY, exchange: str | None = None
-    ) -> AbstractIncomingMessage:
+    ) -> DeliveredMessage:
+        """Publish one request and wait for its reply (the raw message)."""
         assert self._channel is not None, "call connect() first"
-        timeout = timeout or self._timeout
+        wait = self._timeout if timeout is None else timeout
+        if wait <= 0:
+            raise EmbedTimeout(wait)
+        deadline = asyncio.get_running_loop().time() + wait
+        if not self._listening.is_set():  # reconnecting: publishing now would go to a channel not yet listening
+            try:
+                await asyncio.wait_for(self._listening.wait(), wait)
+            except TimeoutError:
+                raise EmbedTimeout(wait) from None
         async with self._slots:
             cid = uuid.uuid4().hex
-            future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
             self._pending[cid] = future
+            # No AMQP expiration: a request the broker expired would land in the DLQ, which is for work worth
+            # replaying. The worker honours x-deadline instead: past it, it answers without an upstream call.
             message = aio_pika.Message(
                 body,
                 content_type=JSON_CONTENT_TYPE,
                 correlation_id=cid,
                 reply_to=DIRECT_REPLY_TO,
-                headers={DEADLINE_HEADER: int((time.time() + timeout) * 1000)},
-                expiration=timeout,
+                headers={DEADLINE_HEADER: int((time.time() + wait) * 1000)},
             )
             name = self._exchange_name if exchange is None else exchange
-            target = (
-                self._channel.default_exchange if not name else await self._channel.get_exchange(name, ensure=False)
-            )
             try:
+                channel = self._channel
+                target = channel.default_exchange if not name else await channel.get_exchange(name, ensure=False)
                 await target.publish(message, routing_key=routing_key)
-                return await asyncio.wait_for(future, timeout)
+            except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                self._pending.pop(cid, None)
+                raise EmbedClientError("connection_lost", f"could not publish: {_cause(exc)}", True) from None
+            try:
+                return await asyncio.wait_for(future, max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                raise EmbedTimeout(wait) from None
             finally:
                 self._pending.pop(cid, None)
+
+
+def _cause(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 class SyncEmbedClient:
@@ -180,8 +254,8 @@ class SyncEmbedClient:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def embed(self, texts: list[str], **kwargs: Any) -> Vectors:
-        result: Vectors = self._call(self._client.embed(texts, **kwargs))
+    def embed(self, texts: list[str], **kwargs: Any) -> FloatArray:
+        result: FloatArray = self._call(self._client.embed(texts, **kwargs))
         return result
 
     def close(self) -> None:

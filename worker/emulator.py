@@ -2,8 +2,14 @@
 
 It speaks the REST endpoints google-genai calls, ``POST /{version}/models/{model}:batchEmbedContents``
 (and ``:embedContent``), with deterministic vectors from ``worker.vectors``, and checks what the real
-API checks: an API key header, at most 100 texts per call, the token limit per text, a known model,
-the output dimension range. Unnormalised vectors below the full dimension, as the real API returns.
+API checks: an API key header, the request payload size, at most 100 requests per call, a known model, the
+token limit per input, the output dimension range, and for gemini-embedding-2 the media it takes (types, how
+many images per input). Each request's content yields ONE vector however many parts it has, derived from every
+part's bytes (``vectors.seed_of``): a client that merges several inputs into one content, as google-genai does
+with a list of strings for a multimodal model, gets one vector back, as from the real API. Parts may be written
+in the REST API's camelCase or in the snake_case the SDK sends. gemini-embedding-2 ignores ``taskType``, as the
+API is reported to (its task goes into the prompt). Unnormalised vectors below the full dimension, as the real
+API returns.
 
 Faults and latency are injected from the command line or at run time through ``/_emulator/*``:
     POST /_emulator/config  {"latency_ms": 100, "faults": [{"status": 429, "times": 2}], ...}
@@ -12,13 +18,16 @@ Faults and latency are injected from the command line or at run time through ``/
 A text containing ``BAD_INPUT_MARKER`` makes the whole batch fail with 400, as the real API rejects a
 whole batch for one bad input.
 
-The server is a small asyncio HTTP/1.1 implementation (keep-alive, Content-Length bodies only) so it
-is never the bottleneck of a benchmark; vectors are cached per text.
+The server is aiohttp's, with one catch-all route into ``Emulator._dispatch``, no access log, and
+vectors cached per text, so it is not the bottleneck of a benchmark. Request bodies are limited to
+``MAX_BODY`` (a larger one is answered with a Gemini-style error and never read whole), and a body must
+arrive within ``BODY_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import random
@@ -31,15 +40,25 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+from aiohttp import web
 
-from worker import http, limits
-from worker.vectors import Vector, full_vector
+from worker import limits
+from worker.vectors import FloatArray, full_vector, seed_of
 
 log = logging.getLogger(__name__)
 
 BAD_INPUT_MARKER = "\u0000EMULATOR-BAD-INPUT\u0000"
 _BATCH_CREATE = re.compile(r"^/(?P<version>v1[a-z0-9]*)/models/(?P<model>[^/:]+):asyncBatchEmbedContent$")
 _BATCH_GET = re.compile(r"^/(?P<version>v1[a-z0-9]*)/batches/(?P<id>[^/:]+)$")
+# The transport limit on request bodies. The real API refuses payloads over a few MiB (4,194,304 bytes has
+# been reported) with a 400 INVALID_ARGUMENT; this limit sits well above that, at 32 MiB, so the emulator
+# can read an oversize request and answer it as the API does, while a client still cannot make it buffer
+# an unbounded body. (100 texts of 2,048 tokens are about 1 MiB of JSON.)
+MAX_BODY = 32 * 1024 * 1024
+BODY_TIMEOUT_S = 60.0  # to receive a whole request body once its head has arrived
+# Longer than any client's keep-alive expiry (httpx: 5 s), so it is the client that closes idle connections
+# and never races the server closing one it is about to reuse.
+KEEPALIVE_TIMEOUT_S = 75.0
 _PATH = re.compile(r"^/(?P<version>v1[a-z0-9]*)/models/(?P<model>[^/:]+):(?P<method>batchEmbedContents|embedContent)$")
 
 
@@ -50,6 +69,7 @@ class Fault:
     daily: bool = False  # a 429 that reports a per-day quota
     retry_delay_s: float | None = None
     message: str = "injected fault"
+    reason: str | None = None  # a google.rpc.ErrorInfo reason, e.g. API_KEY_EXPIRED
 
 
 @dataclass
@@ -77,6 +97,9 @@ class EmulatorState:
     configs: Counter[str] = field(default_factory=Counter)  # texts seen per model/task_type/dims
     call_configs: list[list[str]] = field(default_factory=list)  # distinct configs in each call
     rejected: int = 0
+    max_request_bytes: int = limits.MAX_REQUEST_BYTES  # the API's payload limit, as played here
+    call_bytes: list[int] = field(default_factory=list)  # request body size of each successful call
+    call_times: list[float] = field(default_factory=list)  # time.time() of each successful call
     jobs: dict[str, BatchJob] = field(default_factory=dict)
     batch_delay_s: float = 0.0  # how long a Batch API job stays pending
     batch_fail_next: int = 0  # that many next jobs end BATCH_STATE_FAILED
@@ -93,11 +116,16 @@ class EmulatorState:
             "rejected": self.rejected,
             "batch_jobs": len(self.jobs),
             "batch_texts": self.batch_texts,
+            "call_bytes": self.call_bytes,
+            "call_times": self.call_times,
         }
 
     def reset(self) -> None:
         self.calls = self.texts = self.rejected = 0
         self.batch_sizes = []
+        self.call_bytes = []
+        self.call_times = []
+        self.max_request_bytes = limits.MAX_REQUEST_BYTES
         self.configs = Counter()
         self.call_configs = []
         self.jobs = {}
@@ -121,6 +149,10 @@ class EmulatorState:
             self.batch_delay_s = float(body["batch_delay_s"])
         if "batch_fail_next" in body:
             self.batch_fail_next = int(body["batch_fail_next"])
+        if "api_key" in body:  # None accepts any key; a string is the only key accepted (revoke by changing it)
+            self.api_key = body["api_key"]
+        if "max_request_bytes" in body:
+            self.max_request_bytes = int(body["max_request_bytes"])
 
     def next_fault(self) -> Fault | None:
         if self.faults:
@@ -148,6 +180,7 @@ _STATUS_NAMES = {
     401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
     429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
     503: "UNAVAILABLE",
@@ -155,35 +188,61 @@ _STATUS_NAMES = {
 
 
 @lru_cache(maxsize=100_000)
-def _cached_vector(text: str, model: str, task_type: str | None, full_dims: int) -> Vector:
+def _cached_vector(text: str, model: str, task_type: str | None, full_dims: int) -> FloatArray:
     return full_vector(text, model=model, task_type=task_type, dims=full_dims)
 
 
 class Emulator:
     def __init__(self, state: EmulatorState | None = None):
         self.state = state or EmulatorState()
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
 
     # ---------------------------------------------------------------- server lifecycle
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._server = await http.start_server(self._handle, host, port)
-        return int(self._server.sockets[0].getsockname()[1])
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        # No cap on connections: like the API's front end, the emulator serves whatever the benchmark opens.
+        self._runner = web.AppRunner(
+            app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S, handle_signals=False, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=512)
+        await site.start()
+        self._stopped.clear()
+        return int(self._runner.addresses[0][1])
 
     async def serve_forever(self) -> None:
-        assert self._server is not None
-        async with self._server:
-            await self._server.serve_forever()
+        assert self._runner is not None
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        runner, self._runner = self._runner, None
+        if runner is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                await asyncio.wait_for(runner.cleanup(), 2.0)
+        self._stopped.set()
 
     # ---------------------------------------------------------------- HTTP
-    async def _handle(self, request: http.Request) -> http.Response:
-        status, payload = await self._dispatch(request.method, request.path, request.headers, request.body)
-        return http.Response(status, payload)
+    async def _handle(self, request: web.Request) -> web.Response:
+        size = request.content_length
+        if size is not None and size > MAX_BODY:  # refused before reading it
+            return _too_large()
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # a chunked body that outgrew the limit
+            return _too_large()
+        except TimeoutError:
+            response = _response(408, _error_body(ApiError(408, "timed out reading the request body")))
+            response.force_close()
+            return response
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        status, payload = await self._dispatch(request.method, request.rel_url.raw_path, headers, body)
+        return _response(status, payload)
 
     async def _dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
         if path.startswith("/_emulator/"):
@@ -204,6 +263,8 @@ class Emulator:
             return 404, _error_body(ApiError(404, f"no such endpoint {method} {path}"))
         try:
             self._check_key(headers)
+            if len(body) > self.state.max_request_bytes:
+                raise ApiError(400, f"Request payload size exceeds the limit: {self.state.max_request_bytes} bytes.")
             request = orjson.loads(body)
             if match.group("method") == "embedContent":
                 request = {"requests": [dict(request, model=f"models/{match.group('model')}")]}
@@ -216,6 +277,8 @@ class Emulator:
             if fault is not None:
                 raise _fault_error(fault)
             payload = self._embed(match.group("model"), requests)
+            self.state.call_bytes.append(len(body))
+            self.state.call_times.append(time.time())
         except ApiError as exc:
             self.state.rejected += 1
             return exc.status, _error_body(exc)
@@ -229,16 +292,22 @@ class Emulator:
     def _check_key(self, headers: dict[str, str]) -> None:
         key = headers.get("x-goog-api-key")
         if not key:
-            raise ApiError(403, "Method doesn't allow unregistered callers. Please use an API key.")
+            raise ApiError(
+                403,
+                "Method doesn't allow unregistered callers (callers without established identity). "
+                "Please use API Key or other form of API consumer identity to call this API.",
+            )
         if self.state.api_key is not None and key != self.state.api_key:
-            raise ApiError(400, "API key not valid. Please pass a valid API key.")
+            # What the real API answers for a wrong or revoked key: 400, not 401/403 (see errors.CredentialError).
+            raise ApiError(400, INVALID_KEY_MESSAGE, _error_info("API_KEY_INVALID", INVALID_KEY_MESSAGE))
 
     def _embed(self, model: str, requests: list[Any]) -> dict[str, Any]:
-        if model not in limits.MODEL_DIMENSIONS:
+        if model not in limits.MODELS:
             raise ApiError(404, f"models/{model} is not found for API version v1beta")
         if len(requests) > limits.MAX_TEXTS_PER_CALL:
-            raise ApiError(400, f"at most {limits.MAX_TEXTS_PER_CALL} requests can be in one batch")
-        full_dims = limits.MODEL_DIMENSIONS[model]
+            most = limits.MAX_TEXTS_PER_CALL
+            raise ApiError(400, f"* BatchEmbedContentsRequest.requests: at most {most} requests can be in one batch")
+        full_dims = limits.full_dimensions(model)
         rows = []
         seen: set[str] = set()
         for i, req in enumerate(requests):
@@ -254,7 +323,7 @@ class Emulator:
 
     # ---------------------------------------------------------------- Batch API (asynchronous jobs)
     def _create_job(self, model: str, body: dict[str, Any]) -> bytes:
-        if model not in limits.MODEL_DIMENSIONS:
+        if model not in limits.MODELS:
             raise ApiError(404, f"models/{model} is not found for API version v1beta")
         items = body["batch"]["inputConfig"]["requests"]["requests"]
         if not isinstance(items, list) or not items:
@@ -284,7 +353,7 @@ class Emulator:
     def _one_job_item(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
         """Each request of a job succeeds or fails on its own, as in the real Batch API."""
         try:
-            row = self._vector(model, full_dims=limits.MODEL_DIMENSIONS[model], index=0, req=request)
+            row = self._vector(model, full_dims=limits.full_dimensions(model), index=0, req=request)
         except (ApiError, KeyError, TypeError) as exc:
             message = exc.message if isinstance(exc, ApiError) else "malformed request"
             return {"error": {"code": 3, "message": message}}
@@ -305,22 +374,25 @@ class Emulator:
         return {"name": job.name, "metadata": metadata, "done": done}
 
     @staticmethod
-    def _vector(model: str, *, full_dims: int, index: int, req: dict[str, Any]) -> Vector:
-        """One request's vector, after the checks the real API makes. Each request carries its own config."""
+    def _vector(model: str, *, full_dims: int, index: int, req: dict[str, Any]) -> FloatArray:
+        """One request's vector, after the checks the real API makes. Each request carries its own config, and its
+        content yields one vector whatever its parts."""
         if req.get("model", f"models/{model}") != f"models/{model}":
             raise ApiError(400, f"requests[{index}].model does not match the URL")
-        task_type = req.get("taskType")
+        facts = limits.model(model)
+        task_type = None if facts.task_in_prompt else req.get("taskType")  # the API ignores it for these
         dims = req.get("outputDimensionality")
         if dims is not None and not limits.MIN_OUTPUT_DIMENSIONS <= int(dims) <= full_dims:
             raise ApiError(400, f"outputDimensionality must be between 128 and {full_dims}")
-        text = "".join(p["text"] for p in req["content"]["parts"])
-        if not text:
+        parts = _parts(req["content"]["parts"], index, model, facts)
+        if not parts:
             raise ApiError(400, f"requests[{index}]: empty content")
+        text = "".join(payload.decode("utf-8", "surrogatepass") for kind, _, payload in parts if kind == "text")
         if BAD_INPUT_MARKER in text:
             raise ApiError(400, f"requests[{index}]: input rejected")
-        if limits.estimate_tokens(text) > limits.MAX_TOKENS_PER_TEXT:
-            raise ApiError(400, f"requests[{index}]: input exceeds {limits.MAX_TOKENS_PER_TEXT} tokens")
-        return _cached_vector(text, model, task_type, full_dims)[: int(dims) if dims else full_dims]
+        if limits.estimate_tokens(text) > facts.max_tokens:
+            raise ApiError(400, f"requests[{index}]: input exceeds {facts.max_tokens} tokens")
+        return _cached_vector(seed_of(parts), model, task_type, full_dims)[: int(dims) if dims else full_dims]
 
     def _control(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
         if path == "/_emulator/stats":
@@ -339,8 +411,60 @@ class Emulator:
         return 404, _error_body(ApiError(404, "unknown emulator control endpoint"))
 
 
+INVALID_KEY_MESSAGE = "API key not valid. Please pass a valid API key."
+
+
+def _error_info(reason: str, message: str) -> list[dict[str, Any]]:
+    """The ``details`` Google APIs attach to a key error: ErrorInfo (machine-readable) and LocalizedMessage."""
+    return [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": reason,
+            "domain": "googleapis.com",
+            "metadata": {"service": "generativelanguage.googleapis.com"},
+        },
+        {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": message},
+    ]
+
+
+def _parts(raw: list[dict[str, Any]], index: int, model: str, facts: limits.Model) -> list[tuple[str, str, bytes]]:
+    """A content's parts as (kind, mime type, payload), checked against the model's facts."""
+    parts: list[tuple[str, str, bytes]] = []
+    images = 0
+    for part in raw:
+        if "text" in part:
+            if part["text"]:
+                parts.append(("text", "", str(part["text"]).encode("utf-8", "surrogatepass")))
+            continue
+        inline = part.get("inlineData", part.get("inline_data"))
+        ref = part.get("fileData", part.get("file_data"))
+        blob = inline if inline is not None else ref
+        if not isinstance(blob, dict):
+            raise ApiError(400, f"requests[{index}]: a part must have text, inlineData or fileData")
+        mime = str(blob.get("mimeType", blob.get("mime_type", "")))
+        if mime not in facts.media:
+            raise ApiError(400, f"Unsupported MIME type: {mime}")
+        if inline is not None:
+            parts.append(("inline", mime, _bytes_field(str(inline.get("data", "")))))
+        else:
+            parts.append(("file", mime, str(ref.get("fileUri", ref.get("file_uri", ""))).encode()))  # type: ignore[union-attr]
+        images += mime in limits.IMAGE_TYPES
+    if images > facts.max_images:
+        raise ApiError(400, f"requests[{index}]: at most {facts.max_images} images per content for models/{model}")
+    return parts
+
+
+def _bytes_field(data: str) -> bytes:
+    """A protobuf ``bytes`` field in JSON: standard or URL-safe base64, with or without padding (the protobuf JSON
+    mapping accepts all four; google-genai sends URL-safe)."""
+    data = data.replace("-", "+").replace("_", "/")
+    return base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+
+
 def _fault_error(fault: Fault) -> ApiError:
     details: list[dict[str, Any]] = []
+    if fault.reason is not None:
+        details += _error_info(fault.reason, fault.message)
     if fault.status == 429:
         quota = (
             "EmbedContentRequestsPerDayPerProjectPerModel"
@@ -371,6 +495,17 @@ def _error_body(exc: ApiError) -> bytes:
     return orjson.dumps({"error": error})
 
 
+def _response(status: int, payload: bytes) -> web.Response:
+    return web.Response(status=status, body=payload, content_type="application/json", charset="UTF-8")
+
+
+def _too_large() -> web.Response:
+    """What Google APIs answer for an oversize payload: 400 INVALID_ARGUMENT with this message."""
+    response = _response(400, _error_body(ApiError(400, f"Request payload size exceeds the limit: {MAX_BODY} bytes.")))
+    response.force_close()  # the rest of the body is drained (for up to aiohttp's lingering time), then closed
+    return response
+
+
 class EmulatorThread:
     """The emulator on its own event loop in a daemon thread, for in-process use."""
 
@@ -394,13 +529,22 @@ class EmulatorThread:
             raise RuntimeError("emulator did not start")
         return self.base_url
 
+    async def _stop(self) -> None:
+        await self.emulator.stop()
+        # What aiohttp leaves behind: a connection lost while its unread body was being drained (lingering
+        # close) keeps its task until the drain times out. Cancel such leftovers before the loop stops.
+        leftovers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+
     @property
     def base_url(self) -> str:
         return f"http://{self._host}:{self.port}"
 
     def stop(self) -> None:
         if self._loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(self.emulator.stop(), self._loop)
+            fut = asyncio.run_coroutine_threadsafe(self._stop(), self._loop)
             with contextlib.suppress(Exception):
                 fut.result(2)
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,8 +1,13 @@
 """Error kinds and the wire codes they map to.
 
-Two families matter to the worker: *transient* errors (worth retrying: 429, 5xx, timeouts, connection
-errors) and *permanent* ones (the request itself is wrong, or the caller asked for something we cannot
-do). Every error that reaches a caller carries a stable ``code`` and a ``retryable`` flag.
+Every error that reaches a caller carries a stable ``code`` and the wire flag ``retryable``. Two questions
+are kept apart, and each kind answers both when it is built:
+
+- ``retry_now`` (upstream errors only): may the same call succeed if we try again within this batch's retry
+  budget? Yes for 429 per minute, 5xx, timeouts and connection errors.
+- ``replayable``: is the request itself fine, so that sending it again later may succeed? Then the caller is
+  told ``retryable: true`` and the message is parked in the dead-letter queue for replay. Yes for upstream
+  failures that outlived the budget, per-day quotas and credential problems; no for bad input.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     RATE_LIMITED = "rate_limited"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    STORE_UNAVAILABLE = "store_unavailable"  # the deferred lane's Redis, in answers to `flush`
     INTERNAL = "internal"
 
 
@@ -22,29 +28,25 @@ class EmbedError(Exception):
     """An error that becomes an error reply."""
 
     code: ErrorCode = ErrorCode.INTERNAL
-    retryable: bool = False
 
-    def __init__(self, message: str, *, code: ErrorCode | None = None, retryable: bool | None = None):
+    def __init__(self, message: str, *, replayable: bool = False, code: ErrorCode | None = None):
         super().__init__(message)
         self.message = message
+        self.replayable = replayable
         if code is not None:
             self.code = code
-        if retryable is not None:
-            self.retryable = retryable
 
 
 class InvalidRequest(EmbedError):
     code = ErrorCode.INVALID_REQUEST
-    retryable = False
 
 
 class DeadlineExceeded(EmbedError):
     code = ErrorCode.DEADLINE_EXCEEDED
-    retryable = False
 
 
 class UpstreamError(EmbedError):
-    """The embedding API failed. ``transient`` says whether a retry may succeed."""
+    """The embedding API failed. Replayable exactly when a retry now could have helped (the budget ran out)."""
 
     code = ErrorCode.UPSTREAM_ERROR
 
@@ -53,30 +55,61 @@ class UpstreamError(EmbedError):
         message: str,
         *,
         status: int | None = None,
-        transient: bool,
+        retry_now: bool,
         retry_after: float | None = None,
-        code: ErrorCode | None = None,
+        replayable: bool | None = None,
     ):
-        super().__init__(message, code=code, retryable=transient)
+        super().__init__(message, replayable=retry_now if replayable is None else replayable)
         self.status = status
-        self.transient = transient
+        self.retry_now = retry_now
         # Seconds the API asked us to wait before retrying (google.rpc.RetryInfo), if it said.
         self.retry_after = retry_after
 
 
 class RateLimited(UpstreamError):
+    """429. A per-day quota will not recover within our retry budget, so it is not retried now; the request
+    is still good tomorrow (or after a quota raise), so it is replayable either way."""
+
     code = ErrorCode.RATE_LIMITED
 
     def __init__(self, message: str, *, retry_after: float | None = None, daily: bool = False):
-        # A per-day quota will not recover within our retry budget: no point retrying it here,
-        # but the caller may well try again tomorrow (or after a quota raise).
-        super().__init__(message, status=429, transient=not daily, retry_after=retry_after)
-        self.retryable = True
+        super().__init__(message, status=429, retry_now=not daily, retry_after=retry_after, replayable=True)
         self.daily = daily
+
+
+class CredentialError(UpstreamError):
+    """The API key or the project, not the input: a wrong, expired or revoked key (which Gemini answers with
+    HTTP 400 and an ErrorInfo reason such as API_KEY_INVALID), 401, 403, or a project precondition.
+    Never bisected and never retried now; it trips the circuit breaker, and the request is parked for replay
+    once an operator has fixed the key."""
+
+    def __init__(self, message: str, *, status: int | None = None, reason: str | None = None):
+        super().__init__(message, status=status, retry_now=False, replayable=True)
+        self.reason = reason
 
 
 class UpstreamInvalidInput(UpstreamError):
     """The API rejected the batch as a bad request (HTTP 400): some input in it is at fault."""
 
+    code = ErrorCode.INVALID_REQUEST
+
     def __init__(self, message: str, *, status: int = 400):
-        super().__init__(message, status=status, transient=False, code=ErrorCode.INVALID_REQUEST)
+        super().__init__(message, status=status, retry_now=False, replayable=False)
+
+
+class StartupError(Exception):
+    """The worker cannot start; the CLI prints the message as one line and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class ConfigurationError(StartupError):
+    """A setting is wrong (including credentials the broker refuses, or a vhost that does not exist)."""
+
+    exit_code = 2
+
+
+class BrokerUnreachable(StartupError):
+    """The broker did not answer within AMQP_CONNECT_TIMEOUT_S (orchestrators start containers in any order)."""
+
+    exit_code = 1

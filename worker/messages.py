@@ -1,88 +1,50 @@
-"""The wire format: request and reply bodies, decoded and encoded to bytes. No AMQP here.
+"""The wire format, both directions and both sides: the one module that knows the bytes. No AMQP here.
 
-A request arrives as JSON bytes plus a few message properties; ``decode_request`` turns that into a
-validated ``EmbedRequest`` or raises ``InvalidRequest`` with a message fit to send back to the caller.
-Replies are encoded with orjson straight from the float32 array, so the vectors are turned into text
-exactly once.
+Worker side: ``decode_request`` / ``decode_deferred`` turn JSON bytes plus a few message properties into a validated
+request (its inputs: texts, or contents of parts, see ``worker.inputs``) or raise ``InvalidRequest`` with a message
+fit to send back; ``encode_vectors`` / ``encode_error`` build
+replies (orjson straight from the float32 array, so vectors are turned into text exactly once).
+Caller side (``client.py``, the bench, the tests): ``encode_request`` / ``encode_deferred_items`` build requests,
+``decode_reply`` / ``decode_flush_reply`` read replies and raise ``ErrorReply`` or ``MalformedReply``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 import orjson
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
 
+from worker import inputs as inputs_
 from worker import limits
 from worker.errors import EmbedError, InvalidRequest
+from worker.inputs import EmbedInput
+from worker.topology import DEADLINE_HEADER
+from worker.vectors import FloatArray
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 JSON_CONTENT_TYPE = "application/json"
 # Opt-in binary success reply: the vectors as little-endian float32, row after row, with the shape in
 # headers. A 3,072-dimension vector is 12 KiB this way against ~36 KiB as JSON text, and costs no
 # float formatting. Error replies stay JSON.
 FLOAT32_CONTENT_TYPE = "application/x-embeddings-float32"
-DEADLINE_HEADER = "x-deadline"
-
-Vectors = npt.NDArray[np.float32]
 
 
-# ---------------------------------------------------------------- wire schemas (documented in README)
-class EmbedRequestBody(BaseModel):
-    """``{"texts": [...]}`` or ``{"text": "..."}`` with optional configuration."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    texts: list[StrictStr] | None = None
-    text: StrictStr | None = None
-    model: StrictStr | None = None
-    task_type: StrictStr | None = None
-    output_dimensionality: StrictInt | None = None
-    # Cut texts over the model's input limit instead of rejecting them.
-    truncate: StrictBool = False
-    reply_encoding: Literal["json", "float32"] = "json"
+# ---------------------------------------------------------------- requests (documented in README, "Wire contract")
+# Validated by hand rather than by pydantic models: a profile of the worker showed per-message validation among
+# its costs, and these few checks say the same things (field names in "where: what" form, as before).
+_REQUEST_FIELDS = frozenset(
+    {"texts", "text", "inputs", "model", "task_type", "output_dimensionality", "truncate", "reply_encoding"}
+)
+_DEFERRED_FIELDS = frozenset({"items", "model", "task_type", "output_dimensionality", "truncate"})
+_ENCODINGS = ("json", "float32")
 
 
-class DeferredItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    key: StrictStr
-    text: StrictStr
-
-
-class DeferredRequestBody(BaseModel):
-    """``{"items": [{"key": "doc:1", "text": "..."}, ...]}`` for the fire-and-forget lane."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    items: list[DeferredItem]
-    model: StrictStr | None = None
-    task_type: StrictStr | None = None
-    output_dimensionality: StrictInt | None = None
-    truncate: StrictBool = False
-
-
-class EmbedReply(BaseModel):
-    embeddings: list[list[float]]
-    model: str
-    dimensions: int
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    retryable: bool
-
-
-class ErrorReply(BaseModel):
-    error: ErrorDetail
-
-
-# ---------------------------------------------------------------- decoded request
 @dataclass(frozen=True, slots=True)
 class EmbedConfig:
     """What one upstream call is configured with; requests are only batched with equal configs."""
@@ -101,14 +63,28 @@ class EmbedConfig:
 class RequestLimits:
     default_model: str
     models: frozenset[str]
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_texts: int = 1000
-    max_tokens_per_text: int = limits.MAX_TOKENS_PER_TEXT
+    max_body_bytes: int
+    max_texts: int
+    max_tokens_per_text: int | None  # None: each model's own limit (limits.MODELS)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RequestLimits:
+        return cls(
+            default_model=settings.gemini_model,
+            models=settings.models,
+            max_body_bytes=settings.max_body_bytes,
+            max_texts=settings.max_texts_per_request,
+            max_tokens_per_text=settings.max_tokens_per_text,
+        )
+
+    def max_tokens(self, model: str) -> int:
+        own = limits.model(model).max_tokens
+        return min(own, self.max_tokens_per_text) if self.max_tokens_per_text else own
 
 
 @dataclass(frozen=True, slots=True)
 class EmbedRequest:
-    texts: list[str]
+    inputs: list[EmbedInput]  # one vector each, in order
     config: EmbedConfig
     # Unix epoch seconds after which the caller no longer wants an answer, or None.
     deadline: float | None = None
@@ -124,14 +100,24 @@ def decode_request(
 ) -> EmbedRequest:
     """Validate one request. Raises ``InvalidRequest`` with a caller-readable message."""
     raw = _json_object(body, content_type, limits_)
-    try:
-        parsed = EmbedRequestBody.model_validate(raw)
-    except ValidationError as exc:
-        raise InvalidRequest(_describe(exc)) from None
-
-    texts = _texts(parsed, limits_)
-    config = _config(parsed, limits_)
-    return EmbedRequest(texts=texts, config=config, deadline=_deadline(headers), reply_encoding=parsed.reply_encoding)
+    _known(raw, _REQUEST_FIELDS)
+    config = _config(raw, limits_)
+    truncate = _flag(raw, "truncate")
+    encoding = raw.get("reply_encoding", "json")
+    if encoding not in _ENCODINGS:
+        raise InvalidRequest(f"reply_encoding: Input should be 'json' or 'float32', got {str(encoding)[:40]!r}")
+    given = [name for name in ("texts", "text", "inputs") if name in raw]
+    if len(given) > 1:
+        raise InvalidRequest(f'give one of "texts", "text" or "inputs", not both "{given[0]}" and "{given[1]}"')
+    if not given:
+        raise InvalidRequest('missing "texts" (a list of strings), "text" (a string) or "inputs" (a list of inputs)')
+    if given[0] == "text":
+        inputs: list[EmbedInput] = _checked_texts([_string(raw["text"], "text")], truncate, config, limits_, "texts")
+    elif given[0] == "texts":
+        inputs = _checked_texts(_strings(raw["texts"], "texts"), truncate, config, limits_, "texts")
+    else:
+        inputs = _inputs(raw["inputs"], truncate, config, limits_)
+    return EmbedRequest(inputs, config, deadline=_deadline(headers), reply_encoding=encoding)
 
 
 def _json_object(body: bytes, content_type: str | None, limits_: RequestLimits) -> dict[str, Any]:
@@ -148,53 +134,100 @@ def _json_object(body: bytes, content_type: str | None, limits_: RequestLimits) 
     return raw
 
 
-def _texts(parsed: EmbedRequestBody, limits_: RequestLimits) -> list[str]:
-    if parsed.texts is not None and parsed.text is not None:
-        raise InvalidRequest('give either "texts" or "text", not both')
-    if parsed.texts is not None:
-        texts = parsed.texts
-    elif parsed.text is not None:
-        texts = [parsed.text]
-    else:
-        raise InvalidRequest('missing "texts" (a list of strings) or "text" (a string)')
-    return _checked_texts(texts, parsed.truncate, limits_, what="texts")
+def _known(raw: dict[str, Any], fields: frozenset[str]) -> None:
+    unknown = [name for name in raw if name not in fields]
+    if unknown:
+        raise InvalidRequest(f"{str(unknown[0])[:60]}: Extra inputs are not permitted")
 
 
-def _checked_texts(texts: list[str], truncate: bool, limits_: RequestLimits, *, what: str) -> list[str]:
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{where}: Input should be a valid string")
+    return value
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{where}: Input should be a valid list")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise InvalidRequest(f"{where}.{i}: Input should be a valid string")
+    return value
+
+
+def _flag(raw: dict[str, Any], name: str) -> bool:
+    value = raw.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name}: Input should be a valid boolean")
+    return value
+
+
+def _checked_texts(
+    texts: list[str], truncate: bool, config: EmbedConfig, limits_: RequestLimits, what: str
+) -> list[EmbedInput]:
     if not texts:
         raise InvalidRequest(f'"{what}" is empty')
     if len(texts) > limits_.max_texts:
         raise InvalidRequest(f"{len(texts)} {what} in one request; the limit is {limits_.max_texts}")
-    max_chars = limits_.max_tokens_per_text * limits.CHARS_PER_TOKEN
-    out = texts
+    max_tokens = limits_.max_tokens(config.model)
+    max_chars = max_tokens * limits.CHARS_PER_TOKEN
+    out: list[EmbedInput] = list(texts)
     for i, text in enumerate(texts):
         if not text.strip():
             raise InvalidRequest(f"text {i} is empty")
-        if limits.estimate_tokens(text) > limits_.max_tokens_per_text:
+        if len(text) > max_chars:
             if not truncate:
                 raise InvalidRequest(
-                    f"text {i} is about {limits.estimate_tokens(text)} tokens; the model takes "
-                    f'{limits_.max_tokens_per_text} (send "truncate": true to cut it)'
+                    f"text {i} is about {limits.estimate_tokens(text)} tokens; {config.model} takes "
+                    f'{max_tokens} (send "truncate": true to cut it)'
                 )
-            if out is texts:
-                out = list(texts)
             out[i] = text[:max_chars]
     return out
 
 
-def _config(parsed: EmbedRequestBody | DeferredRequestBody, limits_: RequestLimits) -> EmbedConfig:
-    model = parsed.model or limits_.default_model
+def _inputs(raw: Any, truncate: bool, config: EmbedConfig, limits_: RequestLimits) -> list[EmbedInput]:
+    """``inputs``: each item ``{"text": ...}`` or ``{"parts": [...]}``, one vector each."""
+    if not isinstance(raw, list):
+        raise InvalidRequest("inputs: Input should be a valid list")
+    if not raw:
+        raise InvalidRequest('"inputs" is empty')
+    if len(raw) > limits_.max_texts:
+        raise InvalidRequest(f"{len(raw)} inputs in one request; the limit is {limits_.max_texts}")
+    out: list[EmbedInput] = []
+    max_tokens = limits_.max_tokens(config.model)
+    for i, item in enumerate(raw):
+        where = f"inputs.{i}"
+        if not isinstance(item, dict) or len(item) != 1 or not ({"text", "parts"} & item.keys()):
+            raise InvalidRequest(f'{where} must be {{"text": ...}} or {{"parts": [...]}}')
+        if "text" in item:
+            [text] = _checked_texts([_string(item["text"], f"{where}.text")], truncate, config, limits_, "inputs")
+            out.append(text)
+            continue
+        parsed = inputs_.parse_parts(item["parts"], where, config.model)
+        if isinstance(parsed, str):
+            [parsed] = _checked_texts([parsed], truncate, config, limits_, "inputs")
+        elif parsed.tokens > max_tokens:
+            raise InvalidRequest(f"{where} is about {parsed.tokens} tokens; the limit is {max_tokens}")
+        out.append(parsed)
+    return out
+
+
+def _config(raw: dict[str, Any], limits_: RequestLimits) -> EmbedConfig:
+    model = raw.get("model")
+    model = limits_.default_model if model is None else _string(model, "model")
     model = model.removeprefix("models/")
     if model not in limits_.models:
         raise InvalidRequest(f"unknown model {model[:100]!r}; this worker serves {sorted(limits_.models)}")
-    task_type = parsed.task_type
+    task_type = raw.get("task_type")
     if task_type is not None:
-        task_type = task_type.upper()
+        task_type = _string(task_type, "task_type").upper()
         if task_type not in limits.TASK_TYPES:
             raise InvalidRequest(f"unknown task_type {task_type[:100]!r}")
-    dims = parsed.output_dimensionality
+    dims = raw.get("output_dimensionality")
     full = limits.full_dimensions(model)
     if dims is not None:
+        if not isinstance(dims, int) or isinstance(dims, bool):
+            raise InvalidRequest("output_dimensionality: Input should be a valid integer")
         if dims == full:
             dims = None  # same vectors as the default: let them share batches
         elif not limits.MIN_OUTPUT_DIMENSIONS <= dims <= full:
@@ -213,26 +246,35 @@ MAX_KEY_LENGTH = 1024
 
 
 def decode_deferred(body: bytes, *, content_type: str | None, limits_: RequestLimits) -> DeferredRequest:
-    """Validate one fire-and-forget request. Raises ``InvalidRequest``."""
+    """Validate one fire-and-forget request (text items). Raises ``InvalidRequest``."""
     raw = _json_object(body, content_type, limits_)
-    try:
-        parsed = DeferredRequestBody.model_validate(raw)
-    except ValidationError as exc:
-        raise InvalidRequest(_describe(exc)) from None
-    keys = [item.key for item in parsed.items]
-    for i, key in enumerate(keys):
+    _known(raw, _DEFERRED_FIELDS)
+    config = _config(raw, limits_)
+    truncate = _flag(raw, "truncate")
+    items = raw.get("items")
+    if not isinstance(items, list):
+        raise InvalidRequest("items: Input should be a valid list")
+    keys, texts = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != {"key", "text"}:
+            raise InvalidRequest(f'items.{i} must be {{"key": "...", "text": "..."}}')
+        key = _string(item["key"], f"items.{i}.key")
         if not key or len(key) > MAX_KEY_LENGTH:
             raise InvalidRequest(f"items.{i}.key must be 1 to {MAX_KEY_LENGTH} characters")
-    texts = _checked_texts([item.text for item in parsed.items], parsed.truncate, limits_, what="items")
-    return DeferredRequest(keys=keys, texts=texts, config=_config(parsed, limits_))
+        keys.append(key)
+        texts.append(_string(item["text"], f"items.{i}.text"))
+    checked = _checked_texts(texts, truncate, config, limits_, "items")
+    return DeferredRequest(keys=keys, texts=[str(t) for t in checked], config=config)
 
 
 def _deadline(headers: Mapping[str, Any] | None) -> float | None:
     if not headers or DEADLINE_HEADER not in headers:
         return None
     value = headers[DEADLINE_HEADER]
-    if isinstance(value, bytes):
+    if isinstance(value, bytes | bytearray):
         value = value.decode("ascii", "replace")
+    if isinstance(value, bool):
+        raise InvalidRequest(f"header {DEADLINE_HEADER} must be Unix epoch milliseconds")
     try:
         millis = float(value)
     except (TypeError, ValueError):
@@ -240,14 +282,6 @@ def _deadline(headers: Mapping[str, Any] | None) -> float | None:
     if not math.isfinite(millis):
         raise InvalidRequest(f"header {DEADLINE_HEADER} must be Unix epoch milliseconds")
     return millis / 1000.0
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- replies
@@ -258,7 +292,7 @@ class Reply:
     headers: dict[str, Any] | None = None
 
 
-def encode_vectors(vectors: Vectors, model: str, encoding: str = "json") -> Reply:
+def encode_vectors(vectors: FloatArray, model: str, encoding: str = "json") -> Reply:
     """The success reply. orjson writes float32 arrays directly (shortest round-trip repr)."""
     count, dims = (int(n) for n in vectors.shape)
     if encoding == "float32":
@@ -272,12 +306,113 @@ def encode_vectors(vectors: Vectors, model: str, encoding: str = "json") -> Repl
     )
 
 
-def decode_float32_reply(body: bytes, headers: Mapping[str, Any]) -> Vectors:
-    """For callers: the (count, dimensions) float32 array of a binary reply."""
-    return np.frombuffer(body, dtype="<f4").reshape(int(headers["x-count"]), int(headers["x-dimensions"]))
-
-
 def encode_error(error: EmbedError) -> Reply:
     return Reply(
-        orjson.dumps({"error": {"code": str(error.code), "message": error.message, "retryable": error.retryable}})
+        orjson.dumps({"error": {"code": str(error.code), "message": error.message, "retryable": error.replayable}})
     )
+
+
+def encode_flush_reply(written: int) -> Reply:
+    return Reply(orjson.dumps({"flushed": written}))
+
+
+# ---------------------------------------------------------------- the caller's side
+FLUSH_REQUEST = b"{}"
+
+
+def encode_request(
+    texts: Sequence[str],
+    *,
+    model: str | None = None,
+    task_type: str | None = None,
+    output_dimensionality: int | None = None,
+    reply_encoding: str = "json",
+) -> bytes:
+    body: dict[str, Any] = {"texts": list(texts), **_options(model, task_type, output_dimensionality)}
+    if reply_encoding != "json":
+        body["reply_encoding"] = reply_encoding
+    return orjson.dumps(body)
+
+
+def encode_deferred_items(
+    items: Sequence[tuple[str, str]],
+    *,
+    model: str | None = None,
+    task_type: str | None = None,
+    output_dimensionality: int | None = None,
+) -> bytes:
+    """A message for the fire-and-forget lane: ``(key, text)`` pairs sharing one configuration."""
+    body = {"items": [{"key": k, "text": t} for k, t in items], **_options(model, task_type, output_dimensionality)}
+    return orjson.dumps(body)
+
+
+def _options(model: str | None, task_type: str | None, output_dimensionality: int | None) -> dict[str, Any]:
+    """The optional configuration fields of a request, only those given."""
+    options = {"model": model, "task_type": task_type, "output_dimensionality": output_dimensionality}
+    return {name: value for name, value in options.items() if value}
+
+
+class ErrorReply(Exception):
+    """The worker answered with an error reply."""
+
+    def __init__(self, code: str, message: str, retryable: bool):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+class MalformedReply(ValueError):
+    """A reply that does not follow the wire contract."""
+
+
+def decode_reply(
+    body: bytes, content_type: str | None, headers: Mapping[str, Any] | None, *, count: int | None = None
+) -> FloatArray:
+    """The (count, dimensions) float32 vectors of a reply; raises ErrorReply or MalformedReply.
+    With ``count``, a reply holding another number of vectors is malformed."""
+    try:
+        if content_type == FLOAT32_CONTENT_TYPE:
+            h = headers or {}
+            vectors = np.frombuffer(body, dtype="<f4").reshape(int(h["x-count"]), int(h["x-dimensions"]))
+        else:
+            reply = _object(body)
+            if "error" in reply:
+                raise _error(reply)
+            vectors = np.asarray(reply["embeddings"], dtype=np.float32)
+            if vectors.ndim != 2:
+                raise MalformedReply(f"embeddings must be a list of vectors, got shape {vectors.shape}")
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, MalformedReply):
+            raise
+        raise MalformedReply(f"reply does not follow the wire contract: {type(exc).__name__}: {exc}") from None
+    if count is not None and len(vectors) != count:
+        raise MalformedReply(f"reply holds {len(vectors)} vectors for {count} texts")
+    return vectors
+
+
+def decode_flush_reply(body: bytes) -> int:
+    """Vectors written by the answering worker's flush; raises ErrorReply or MalformedReply."""
+    try:
+        reply = _object(body)
+        if "error" in reply:
+            raise _error(reply)
+        return int(reply["flushed"])
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, MalformedReply):
+            raise
+        raise MalformedReply(f"flush reply does not follow the wire contract: {type(exc).__name__}") from None
+
+
+def _object(body: bytes) -> dict[str, Any]:
+    reply = orjson.loads(body)
+    if not isinstance(reply, dict):
+        raise MalformedReply(f"reply must be a JSON object, got {type(reply).__name__}")
+    return reply
+
+
+def _error(reply: dict[str, Any]) -> ErrorReply:
+    err = reply["error"]
+    if not isinstance(err, dict) or not isinstance(err.get("code"), str):
+        raise MalformedReply("error reply without a code")
+    return ErrorReply(err["code"], str(err.get("message", "")), bool(err.get("retryable")))

@@ -4,61 +4,47 @@ Each item's key names a hash; the worker sets ``embedding`` (little-endian float
 Redis vector search indexes read for a FLOAT32 VECTOR field), ``embedding_model``,
 ``embedding_dimensions`` and ``embedding_text_hash`` (to skip unchanged texts), leaving the record's
 other fields alone. All writes of one round go in one pipeline.
+
+A key that cannot take our fields (it holds a string or a list: WRONGTYPE) fails only its own entry; the
+pipeline carries on, and the lane parks that item. Only a failure of Redis itself (connection, timeout, OOM on a
+whole pipeline) is ``StoreUnavailable``. We never delete or retype a caller's key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from worker.vectors import Vector
+from worker.ports import Existing, StoredVector, StoreUnavailable
 
 FIELD_EMBEDDING = "embedding"
 FIELD_MODEL = "embedding_model"
 FIELD_DIMENSIONS = "embedding_dimensions"
 FIELD_TEXT_HASH = "embedding_text_hash"
-# Batch API jobs in flight: job name -> JSON {"config": {...}, "items": [[key, text], ...], "attempts": n}.
-# Once a job is recorded here its messages are acked; this record is then what keeps the work from loss.
-JOBS_KEY = "embed-worker:batch-jobs"
-
-
-class StoreUnavailable(Exception):
-    """Redis could not be reached or refused the write; nothing of the round is acked."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredVector:
-    key: str
-    vector: Vector
-    model: str
-    text_hash: str
-
-
-@dataclass(frozen=True, slots=True)
-class Existing:
-    text_hash: str | None
-    model: str | None
-    dimensions: int | None
 
 
 class RedisVectorStore:
-    def __init__(self, url: str, jobs_key: str = JOBS_KEY):
+    """``ports.VectorStore`` in Redis. ``jobs_key`` names the hash of Batch API jobs in flight: job name -> JSON
+    ``{"config": {...}, "items": [[key, text], ...], "attempts": n}``. Once a job is recorded there its messages
+    are acked; the record is then what keeps the work from loss."""
+
+    def __init__(self, url: str, jobs_key: str):
         self._redis = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._jobs_key = jobs_key
 
-    async def write(self, entries: Sequence[StoredVector]) -> None:
+    async def write(self, entries: Sequence[StoredVector]) -> list[str | None]:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 self._queue_writes(pipe, entries)
-                results = await pipe.execute(raise_on_error=True)
+                results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis write failed: {type(exc).__name__}: {exc}") from None
         if len(results) != len(entries):
             raise StoreUnavailable("redis pipeline returned the wrong number of results")
+        return [_entry_error(result) for result in results]
 
     @staticmethod
     def _queue_writes(pipe: Any, entries: Sequence[StoredVector]) -> None:
@@ -78,17 +64,10 @@ class RedisVectorStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.hmget(key, [FIELD_TEXT_HASH, FIELD_MODEL, FIELD_DIMENSIONS])
-                rows = await pipe.execute()
+                rows = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis read failed: {type(exc).__name__}") from None
-        return [
-            Existing(
-                text_hash=h.decode() if h else None,
-                model=m.decode() if m else None,
-                dimensions=int(d) if d else None,
-            )
-            for h, m, d in rows
-        ]
+        return [_existing(row) for row in rows]
 
     async def save_job(self, name: str, record: bytes) -> None:
         try:
@@ -103,15 +82,17 @@ class RedisVectorStore:
             raise StoreUnavailable(f"redis read failed: {type(exc).__name__}") from None
         return {_text(k): v if isinstance(v, bytes) else v.encode() for k, v in raw.items()}
 
-    async def complete_job(self, name: str, entries: Sequence[StoredVector]) -> None:
-        """The job's vectors and the removal of its record, in one transaction."""
+    async def complete_job(self, name: str, entries: Sequence[StoredVector]) -> list[str | None]:
+        """The job's vectors and the removal of its record, in one transaction (MULTI/EXEC: a key of another
+        type fails its own command only, reported per entry like ``write``)."""
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 self._queue_writes(pipe, entries)
                 pipe.hdel(self._jobs_key, name)
-                await pipe.execute(raise_on_error=True)
+                results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis write failed: {type(exc).__name__}") from None
+        return [_entry_error(result) for result in results[: len(entries)]]
 
     async def drop_job(self, name: str) -> None:
         try:
@@ -127,6 +108,35 @@ class RedisVectorStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _entry_error(result: Any) -> str | None:
+    """One pipeline result: None if Redis did it, else why this key refused it. A failure that is not about the
+    key (anything but a reply error) means Redis itself is in trouble."""
+    if isinstance(result, ResponseError):
+        return f"redis refused the write to this key: {result}"
+    if isinstance(result, Exception):
+        raise StoreUnavailable(f"redis write failed: {type(result).__name__}: {result}")
+    return None
+
+
+def _existing(row: Any) -> Existing:
+    """What a key holds of ours. Unreadable fields (a caller's "n/a" in embedding_dimensions) count as absent:
+    the write that follows replaces them with ours."""
+    if isinstance(row, ResponseError):
+        return Existing(error=f"redis refused to read this key: {row}")
+    if isinstance(row, Exception):
+        raise StoreUnavailable(f"redis read failed: {type(row).__name__}")
+    text_hash, model, dims = row
+    try:
+        dimensions = int(dims) if dims else None
+    except ValueError:
+        dimensions = None
+    return Existing(
+        text_hash=text_hash.decode("utf-8", "replace") if text_hash else None,
+        model=model.decode("utf-8", "replace") if model else None,
+        dimensions=dimensions,
+    )
 
 
 def _text(value: bytes | str) -> str:

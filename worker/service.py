@@ -1,19 +1,21 @@
-"""Deliveries -> batcher -> embedder -> replies -> acks. Every settle decision lives in this file.
+"""The RPC lane: a delivery -> batcher -> upstream -> its reply -> a ``Settle`` value. No AMQP here.
 
-The service depends on two small protocols, ``Delivery`` and ``ReplyPublisher``; ``worker.amqp``
-implements them over aio-pika. The rule for every message: publish its reply (confirmed by the
-broker), then ack. What cannot be answered is dead-lettered, where an operator can see it.
+``EmbedService.handle`` publishes the reply (confirmed by the broker) and returns what should become of the
+delivery; ``amqp/settle.py`` applies it. The decisions, in the order they are taken:
 
-| outcome                                  | reply                          | settle                         |
-|------------------------------------------|--------------------------------|--------------------------------|
-| embeddings                               | vectors                        | ack                            |
-| invalid request, deadline passed          | error, retryable=false         | ack                            |
-| upstream failed after the retry budget    | error, retryable=true          | dead-letter                    |
-| no reply_to, or reply_to not allowed      | none (nowhere safe to send it) | dead-letter                    |
-| caller gone (reply returned unroutable)   | dropped by the broker          | ack                            |
-| Direct Reply-to caller gone before batching| none, no upstream call         | ack                            |
-| reply could not be published              | -                              | requeue (redelivered later)    |
-| worker shutting down before the batch ran | -                              | requeue                        |
+| outcome                                                | reply                           | settle                  |
+|--------------------------------------------------------|---------------------------------|-------------------------|
+| a property is not valid UTF-8, reply_to usable          | error invalid_request           | ack                     |
+| reply_to missing, not valid UTF-8, or not allowed       | none (nowhere safe to send it)  | dead-letter             |
+| invalid request, or an input over a call's budget       | error invalid_request           | ack                     |
+| Direct Reply-to caller gone before batching             | none, no upstream call          | ack                     |
+| embeddings                                              | vectors                         | ack                     |
+| deadline passed before the call, or bad input           | error, retryable=false          | ack                     |
+| upstream failed but the request is good (replayable)    | error, retryable=true           | dead-letter for replay  |
+| internal error                                          | error internal, retryable=true  | dead-letter for replay  |
+| worker shutting down before the batch ran               | none                            | requeue                 |
+| reply returned unroutable (the caller's queue is gone)  | dropped by the broker           | as decided above        |
+| reply could not be published                            | -                               | requeue                 |
 """
 
 from __future__ import annotations
@@ -21,62 +23,53 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worker import inputs as inputs_
+from worker import limits
 from worker.batcher import Batcher, BatcherClosed, BatchStats
-from worker.errors import DeadlineExceeded, EmbedError, UpstreamError
-from worker.messages import (
-    EmbedConfig,
-    Reply,
-    RequestLimits,
-    decode_request,
-    encode_error,
-    encode_vectors,
-)
+from worker.errors import DeadlineExceeded, EmbedError, ErrorCode, InvalidRequest
+from worker.inputs import EmbedInput
+from worker.logs import context, safe
+from worker.messages import EmbedConfig, Reply, RequestLimits, decode_request, encode_error, encode_vectors
 from worker.metrics import Metrics
-from worker.upstream import Outcome, UpstreamCaller
+from worker.ports import ACK, REQUEUE, BatchEmbedder, Delivery, ReplyPublisher, ReplyUndeliverable, Settle, dead_letter
+from worker.topology import DIRECT_REPLY_TO_PREFIX
+from worker.upstream import Outcome
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class Delivery(Protocol):
-    body: bytes
-    content_type: str | None
-    headers: Mapping[str, Any]
-    reply_to: str | None
-    correlation_id: str | None
-    message_id: str | None
-    redelivered: bool
-
-    async def ack(self) -> None: ...
-
-    async def reject(self, *, requeue: bool) -> None:
-        """requeue=False dead-letters the message (the queue has a dead-letter exchange)."""
-
-
-class ReplyUndeliverable(Exception):
-    """The broker returned the reply: no queue by that name (the caller is gone)."""
+# ---------------------------------------------------------------------- the decisions, as pure functions
+def refuse_before_decoding(delivery: Delivery, allowed: re.Pattern[str]) -> tuple[Reply | None, Settle] | None:
+    """What to do with a delivery we will not even decode, or None to go on."""
+    reply_to = delivery.reply_to
+    usable = bool(reply_to) and delivery.invalid_property != "reply_to" and bool(allowed.fullmatch(reply_to or ""))
+    if delivery.invalid_property is not None:
+        what = f"property {delivery.invalid_property} is not valid UTF-8"
+        if usable:
+            return encode_error(InvalidRequest(what)), ACK
+        return None, dead_letter("invalid_property", what)
+    if not reply_to:
+        return None, dead_letter("no_reply_to", "no reply_to: nowhere to send the reply")
+    if not usable:
+        return None, dead_letter("reply_to_refused", "reply_to is not an allowed reply queue")
+    return None
 
 
-class ReplyPublisher(Protocol):
-    async def publish_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
-        """Publish and wait for the broker's confirm; raise ReplyUndeliverable if it was returned."""
-
-    async def caller_alive(self, reply_to: str) -> bool:
-        """False only when the broker says a Direct Reply-to caller has gone."""
-
-
-DIRECT_REPLY_TO_PREFIX = "amq.rabbitmq.reply-to."
-
-
-@dataclass(frozen=True, slots=True)
-class _Item:
-    text: str
-    deadline: float | None
+def settle_for_error(error: EmbedError) -> Settle:
+    """An error reply is always sent; a good request that failed for reasons outside it is also parked."""
+    if error.replayable:
+        label = "internal" if error.code == ErrorCode.INTERNAL else "upstream_failed"
+        return dead_letter(label, f"{error.code}: {error.message}")
+    return ACK
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,22 +77,77 @@ class BatchingConfig:
     max_size: int
     max_wait_s: float
     max_concurrent: int
+    max_request_bytes: int = limits.MAX_REQUEST_BYTES  # one call's body (UPSTREAM_MAX_REQUEST_BYTES)
+    max_tokens_per_call: int = 0  # estimated tokens in one call (UPSTREAM_MAX_TOKENS_PER_CALL); 0 = no limit
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchingConfig:
+        return cls(
+            settings.batch_max_size,
+            settings.batch_max_wait_ms / 1000,
+            settings.max_concurrent_batches,
+            settings.upstream_max_request_bytes,
+            settings.upstream_max_tokens_per_call,
+        )
+
+    @property
+    def budgets(self) -> tuple[int, int]:
+        """(bytes, tokens) a batch may hold: the request's own framing is kept out of the byte budget."""
+        return self.max_request_bytes - CALL_OVERHEAD, self.max_tokens_per_call
+
+    def over_budget(self, item: EmbedInput) -> str | None:
+        """Why an input can never be sent (it alone breaks a budget), or None."""
+        tokens, size = inputs_.cost(item)
+        if size > self.budgets[0]:
+            return f"about {size} bytes in the API request; one call carries {self.max_request_bytes}"
+        if self.max_tokens_per_call and tokens > self.max_tokens_per_call:
+            return f"about {tokens} tokens; one call carries {self.max_tokens_per_call}"
+        return None
+
+    def weighing(self, config: EmbedConfig) -> Callable[[EmbedInput], tuple[int, int]] | None:
+        """How the batcher weighs this configuration's items, or None when no budget can bind: a full batch of
+        a text-only model's longest texts stays under the byte budget (2,048 tokens x 4 characters x 4 bytes
+        x 100 is 3.3 MB), so the common case pays nothing for budgets."""
+        model = limits.model(config.model)
+        worst = model.max_tokens * limits.CHARS_PER_TOKEN * 4 + inputs_.ENTRY_OVERHEAD
+        if not model.multimodal and not self.max_tokens_per_call and worst * self.max_size <= self.budgets[0]:
+            return None
+        return weigh
+
+
+CALL_OVERHEAD = 64  # {"requests": [...]} around the entries
+
+
+def weigh(item: EmbedInput) -> tuple[int, int]:
+    """An input's weights in the order of ``BatchingConfig.budgets``: (bytes, tokens)."""
+    tokens, size = inputs_.cost(item)
+    return size, tokens
+
+
+def _weigh_item(item: _Item) -> tuple[int, int]:
+    return weigh(item.input)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    input: EmbedInput
+    deadline: float | None
 
 
 class EmbedService:
     def __init__(
         self,
-        upstream: UpstreamCaller,
+        upstream: BatchEmbedder,
         publisher: ReplyPublisher,
         *,
         limits: RequestLimits,
         batching: BatchingConfig,
         reply_to: re.Pattern[str],
-        metrics: Metrics | None = None,
+        metrics: Metrics,
         check_callers: bool = True,
     ):
         self._check_callers = check_callers
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         self._upstream = upstream
         self._publisher = publisher
         self._limits = limits
@@ -110,109 +158,118 @@ class EmbedService:
             max_wait=batching.max_wait_s,
             max_concurrent=batching.max_concurrent,
             on_batch=self._log_batch,
+            weigh=lambda config: _weigh_item if batching.weighing(config) else None,
+            budgets=batching.budgets,
         )
+        self._batching = batching
+        self._replies_ok = metrics.replies.labels("ok", "ok")  # bound once: a labels() lookup per reply costs
 
     # ------------------------------------------------------------------ one delivery
-    async def handle(self, delivery: Delivery) -> None:
-        cid = delivery.correlation_id
-        ctx = {"correlation_id": cid}  # structured field for JSON logs
-        reply_to = delivery.reply_to
+    async def handle(self, delivery: Delivery) -> Settle:
         self.metrics.requests.inc()
-        if not reply_to:
+        refused = refuse_before_decoding(delivery, self._reply_to)
+        if refused is not None:
+            reply, settle = refused
             log.warning(
-                "request without reply_to (correlation_id=%s, message_id=%s): dead-lettering",
-                cid,
-                delivery.message_id,
-                extra=ctx,
+                "request refused: %s (message_id=%s)",
+                settle.reason or "invalid",
+                safe(delivery.message_id),
+                extra=context(delivery.correlation_id),
             )
-            await self._dead_letter(delivery, "no_reply_to")
-            return
-        if not self._reply_to.fullmatch(reply_to):
-            log.warning(
-                "reply_to %r is not an allowed reply queue (correlation_id=%s): dead-lettering",
-                reply_to[:200],
-                cid,
-                extra=ctx,
-            )
-            await self._dead_letter(delivery, "reply_to_refused")
-            return
-
+            return await self._finish(delivery, reply, settle, code="invalid_request")
+        assert delivery.reply_to is not None
         try:
             request = decode_request(
                 delivery.body, content_type=delivery.content_type, headers=delivery.headers, limits_=self._limits
             )
         except EmbedError as exc:
-            log.info("invalid request (correlation_id=%s): %s", cid, exc.message, extra=ctx)
-            await self._reply(delivery, encode_error(exc), code=exc.code)
-            return
-        self.metrics.texts.inc(len(request.texts))
+            log.info(
+                "invalid request (correlation_id=%s): %s",
+                safe(delivery.correlation_id),
+                safe(exc.message),
+                extra=context(delivery.correlation_id),
+            )
+            return await self._finish(delivery, encode_error(exc), settle_for_error(exc), code=exc.code)
+        self.metrics.texts.inc(len(request.inputs))
+        if self._batching.weighing(request.config) is not None:  # else no input can break a budget
+            for i, item in enumerate(request.inputs):
+                if (why := self._batching.over_budget(item)) is not None:
+                    refusal = InvalidRequest(f"input {i} is {why}")
+                    return await self._finish(delivery, encode_error(refusal), ACK, code=refusal.code)
         if (
             self._check_callers
-            and reply_to.startswith(DIRECT_REPLY_TO_PREFIX)
-            and not await self._publisher.caller_alive(reply_to)
+            and delivery.reply_to.startswith(DIRECT_REPLY_TO_PREFIX)
+            and not await self._publisher.caller_alive(delivery.reply_to)
         ):
             # Its reply would be dropped by the broker anyway: spend no upstream slot on it.
-            log.info("caller of correlation_id=%s has gone; dropping the request", cid, extra=ctx)
+            log.info(
+                "caller of correlation_id=%s has gone; dropping the request",
+                safe(delivery.correlation_id),
+                extra=context(delivery.correlation_id),
+            )
             self.metrics.replies.labels("dropped", "caller_gone").inc()
-            await delivery.ack()
-            return
+            return ACK
 
         try:
             outcomes = await self.batcher.submit(
-                request.config, [_Item(text, request.deadline) for text in request.texts]
+                request.config, [_Item(item, request.deadline) for item in request.inputs]
             )
         except BatcherClosed:
-            # Shutting down before this request's batch ran: let another worker take it.
-            await delivery.reject(requeue=True)
-            return
+            return REQUEUE  # shutting down before this request's batch ran: let another worker take it
         except Exception as exc:
-            log.exception("internal error (correlation_id=%s)", cid, extra=ctx)
-            internal = EmbedError(f"internal error: {type(exc).__name__}")
-            await self._reply(delivery, encode_error(internal), code=internal.code, dead_letter="internal")
-            return
+            log.exception(
+                "internal error (correlation_id=%s)",
+                safe(delivery.correlation_id),
+                extra=context(delivery.correlation_id),
+            )
+            internal = EmbedError(f"internal error: {type(exc).__name__}", replayable=True)
+            return await self._finish(delivery, encode_error(internal), settle_for_error(internal), code=internal.code)
 
         error = next((o for o in outcomes if isinstance(o, EmbedError)), None)
         if error is not None:
-            log.info("request failed (correlation_id=%s): %s %s", cid, error.code, error.message, extra=ctx)
-            # A transient upstream failure that outlived the retry budget is parked for replay.
-            parked = isinstance(error, UpstreamError) and error.retryable
-            await self._reply(
-                delivery, encode_error(error), code=error.code, dead_letter="upstream_failed" if parked else None
+            log.info(
+                "request failed (correlation_id=%s): %s %s",
+                safe(delivery.correlation_id),
+                error.code,
+                safe(error.message),
+                extra=context(delivery.correlation_id),
             )
-            return
+            return await self._finish(delivery, encode_error(error), settle_for_error(error), code=error.code)
         vectors = np.stack(outcomes)  # type: ignore[arg-type]  # no errors left, checked above
         reply = encode_vectors(vectors, request.config.model, request.reply_encoding)
-        await self._reply(delivery, reply, code="ok")
+        return await self._finish(delivery, reply, ACK, code="ok")
 
-    async def _reply(self, delivery: Delivery, reply: Reply, *, code: str, dead_letter: str | None = None) -> None:
-        """Publish, then settle: ack, or dead-letter with ``dead_letter`` as the metrics reason."""
-        assert delivery.reply_to is not None
-        ctx = {"correlation_id": delivery.correlation_id}
-        try:
-            await self._publisher.publish_reply(delivery.reply_to, delivery.correlation_id, reply)
-        except ReplyUndeliverable:
-            log.info(
-                "reply to %s returned: caller is gone (correlation_id=%s)",
-                delivery.reply_to[:200],
-                delivery.correlation_id,
-                extra=ctx,
-            )
-        except Exception as exc:
-            log.warning(
-                "could not publish reply (correlation_id=%s): %r; requeueing", delivery.correlation_id, exc, extra=ctx
-            )
-            await delivery.reject(requeue=True)
-            return
-        else:
-            self.metrics.replies.labels("ok" if code == "ok" else "error", str(code)).inc()
-        if dead_letter:
-            await self._dead_letter(delivery, dead_letter)
-        else:
-            await delivery.ack()
+    async def _finish(self, delivery: Delivery, reply: Reply | None, settle: Settle, *, code: str) -> Settle:
+        """Publish ``reply`` (if any) and wait for its confirm, then hand back ``settle``; requeue if the reply
+        could not be published, so the request is answered later rather than never."""
+        if reply is not None:
+            assert delivery.reply_to is not None
+            try:
+                await self._publisher.publish_reply(delivery.reply_to, delivery.correlation_id, reply)
+            except ReplyUndeliverable:
+                # RabbitMQ returns a reply to a server-named queue that is gone; a reply to a Direct Reply-to
+                # caller that has left is confirmed and dropped instead (RabbitMQ 3.10), so it is not seen here.
+                log.info(
+                    "reply returned: the caller's queue is gone (correlation_id=%s)",
+                    safe(delivery.correlation_id),
+                    extra=context(delivery.correlation_id),
+                )
+            except Exception as exc:
+                log.warning(
+                    "could not publish reply (correlation_id=%s): %r; requeueing",
+                    safe(delivery.correlation_id),
+                    exc,
+                    extra=context(delivery.correlation_id),
+                )
+                return REQUEUE
+            else:
+                self._replied(code).inc()
+        return settle
 
-    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        self.metrics.dead_lettered.labels(reason).inc()
-        await delivery.reject(requeue=False)
+    def _replied(self, code: str) -> Any:
+        if code == "ok":
+            return self._replies_ok
+        return self.metrics.replies.labels("error", str(code))
 
     # ------------------------------------------------------------------ one batch
     async def _embed_batch(self, config: EmbedConfig, items: list[_Item]) -> list[Outcome]:
@@ -226,7 +283,7 @@ class EmbedService:
             else:
                 live.append(i)
         if live:
-            results = await self._upstream.embed([items[i].text for i in live], config)
+            results = await self._upstream.embed([items[i].input for i in live], config)
             for i, result in zip(live, results, strict=True):
                 outcomes[i] = result
         return outcomes  # type: ignore[return-value]

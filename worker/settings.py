@@ -5,19 +5,23 @@ from __future__ import annotations
 import logging
 import re
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker import limits
+from worker.logs import redact_url
+from worker.topology import QUORUM_MAX_PREFETCH
 
 log = logging.getLogger(__name__)
 
 # Reply queues a caller may name by default: RabbitMQ Direct Reply-to pseudo-queues and server-named
-# (exclusive, auto-delete) queues. Anything else must match REPLY_TO_PATTERN, so a caller cannot make
-# the worker publish into another application's queue.
-DEFAULT_REPLY_TO = r"amq\.rabbitmq\.reply-to(\..+)?|amq\.gen-[A-Za-z0-9_\-]+"
+# (exclusive, auto-delete) queues. Anything else must match REPLY_TO_PATTERN. This keeps replies out of named
+# application queues; it cannot tell one caller's amq.gen-* queue (or Direct Reply-to name) from another's,
+# which is what broker permissions are for (README, Hardening). REPLY_TO_DIRECT_ONLY narrows it to Direct Reply-to.
+DIRECT_REPLY_TO_ONLY = r"amq\.rabbitmq\.reply-to(\..+)?"
+DEFAULT_REPLY_TO = DIRECT_REPLY_TO_ONLY + r"|amq\.gen-[A-Za-z0-9_\-]+"
 
 
 class Settings(BaseSettings):
@@ -31,8 +35,12 @@ class Settings(BaseSettings):
     queue_type: Literal["quorum", "classic"] = "quorum"
     # Quorum queues count deliveries; past this many the broker dead-letters the message.
     delivery_limit: int = Field(default=5, ge=1)
+    # Quorum queues are created with this many replicas (RabbitMQ takes every node when the cluster is smaller).
+    quorum_initial_group_size: int = Field(default=5, ge=1)
     prefetch_count: int | None = Field(default=None, ge=1)
     amqp_reconnect_interval_s: float = Field(default=2.0, gt=0)
+    # At start, keep trying a broker that does not answer yet for this long (containers start in any order).
+    amqp_connect_timeout_s: float = Field(default=60.0, ge=0)
 
     # --- embedding backend ---
     embed_backend: Literal["gemini", "emulator"] = "gemini"
@@ -46,12 +54,23 @@ class Settings(BaseSettings):
     retry_max_attempts: int = Field(default=5, ge=1)
     retry_base_delay_ms: float = Field(default=200.0, ge=0)
     retry_max_delay_ms: float = Field(default=20_000.0, ge=0)
-    # Client-side share of the API quota for this process (0 = no limit).
+    # The API budget: calls and estimated tokens per UPSTREAM_WINDOW_S (0 = no limit), for this process
+    # (UPSTREAM_LIMIT_SCOPE=process) or shared by every process through Redis (fleet).
     upstream_rpm: float = Field(default=0, ge=0)
     upstream_tpm: float = Field(default=0, ge=0)
+    upstream_limit_scope: Literal["process", "fleet"] = "process"
+    upstream_window_s: float = Field(default=60.0, gt=0)  # Gemini's limits are per minute; shorter only for tests
+    # Embedding cache in Redis: 0 = off; a hit costs no upstream call.
+    cache_ttl_s: float = Field(default=0, ge=0)
+    cache_timeout_ms: float = Field(default=100.0, gt=0)  # past this, a cache read or write is skipped
     # Pause consuming after this many failed upstream calls in a row (0 = never); probe after the cooldown.
     breaker_failures: int = Field(default=5, ge=0)
     breaker_cooldown_s: float = Field(default=5.0, gt=0)
+
+    # One upstream call's budgets: its request body, and (for endpoints with a per-request token cap, such as
+    # Vertex's 20,000) its estimated tokens; 0 = no token budget. A batch closes before it would break either.
+    upstream_max_request_bytes: int = Field(default=limits.MAX_REQUEST_BYTES, ge=65_536)
+    upstream_max_tokens_per_call: int = Field(default=0, ge=0)
 
     # --- batching ---
     batch_max_size: int = Field(default=limits.MAX_TEXTS_PER_CALL, ge=1, le=limits.MAX_TEXTS_PER_CALL)
@@ -61,8 +80,12 @@ class Settings(BaseSettings):
     # --- request limits ---
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_texts_per_request: int = Field(default=1000, ge=1)
-    max_tokens_per_text: int = Field(default=limits.MAX_TOKENS_PER_TEXT, ge=1)
+    # Estimated tokens one input may hold; unset = each model's own limit (2,048 for gemini-embedding-001,
+    # 8,192 for gemini-embedding-2). A lower value refuses (or, with "truncate", cuts) longer texts.
+    max_tokens_per_text: int | None = Field(default=None, ge=1)
     reply_to_pattern: str | None = None
+    # Accept only Direct Reply-to names as reply_to (no server-named queues, no REPLY_TO_PATTERN).
+    reply_to_direct_only: bool = False
     # Before batching a Direct Reply-to request, ask the broker whether its caller still listens.
     check_callers: bool = True
 
@@ -79,13 +102,18 @@ class Settings(BaseSettings):
     # Gemini Batch API jobs for the deferred lane (lower price, results within Google's batch turnaround).
     deferred_batch_api: bool = False
     deferred_batch_api_poll_s: float = Field(default=60.0, gt=0)
-    deferred_batch_api_jobs_key: str = "embed-worker:batch-jobs"  # Redis hash of jobs in flight
+    # The worker's own Redis keys (Batch API jobs, the embedding cache, fleet rate limits) live under this
+    # prefix; deferred items keyed under it are refused, so a caller cannot write into the worker's state.
+    redis_key_prefix: str = Field(default="embed-worker:", min_length=1)
 
     # --- observability ---
     metrics_port: int | None = Field(default=None, ge=0, le=65535)  # /metrics, /healthz, /readyz; unset = off
     metrics_host: str = "0.0.0.0"
 
     # --- process ---
+    # uvloop runs the event loop in C (libuv): measured here it is the single largest saving of CPU per message
+    # (README, Performance). "asyncio" opts out; on a platform without uvloop the worker says so and uses asyncio.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -102,16 +130,52 @@ class Settings(BaseSettings):
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value:
-            re.compile(value)
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
         return value or None
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: object) -> object:
+        """Empty means unset (the deferred lane stays off); otherwise it must be a Redis URL."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if isinstance(raw, str) and urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in ("amqp", "amqps"):
-            raise ValueError("must start with amqp:// or amqps://")
+        urls = [u.strip() for u in value.get_secret_value().split(",") if u.strip()]
+        if not urls:
+            raise ValueError("is empty")
+        for url in urls:
+            if urlsplit(url).scheme not in ("amqp", "amqps"):
+                raise ValueError(
+                    "must start with amqp:// or amqps:// (several, for a cluster's nodes: comma-separated)"
+                )
         return value
+
+    @model_validator(mode="after")
+    def _frugality_needs_redis(self) -> Settings:
+        if self.redis_url is None:
+            if self.upstream_limit_scope == "fleet":
+                raise ValueError("UPSTREAM_LIMIT_SCOPE=fleet shares the budget through Redis: set REDIS_URL")
+            if self.cache_ttl_s > 0:
+                raise ValueError("CACHE_TTL_S turns on the embedding cache in Redis: set REDIS_URL")
+        return self
+
+    @model_validator(mode="after")
+    def _one_reply_to_rule(self) -> Settings:
+        if self.reply_to_direct_only and self.reply_to_pattern:
+            raise ValueError(
+                "REPLY_TO_DIRECT_ONLY accepts only Direct Reply-to: unset REPLY_TO_PATTERN, or turn it off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _backend_needs_key(self) -> Settings:
@@ -132,12 +196,19 @@ class Settings(BaseSettings):
         one batch of slack: ``size x (2 x concurrency + 1)``. Measured with the upstream-bound benchmark
         (300 ms upstream): mean batch 96 texts at size x (concurrency + 1), 100 at this window.
         """
-        if self.prefetch_count is not None:
-            return self.prefetch_count
-        return self.batch_max_size * (2 * self.max_concurrent_batches + 1)
+        wanted = self.prefetch_count or self.batch_max_size * (2 * self.max_concurrent_batches + 1)
+        if self.queue_type == "quorum":
+            return min(wanted, QUORUM_MAX_PREFETCH)  # RabbitMQ 4.x caps it anyway; say so (prefetch_warnings)
+        return wanted
 
     def prefetch_warnings(self) -> list[str]:
         prefetch = self.effective_prefetch
+        wanted = self.prefetch_count or self.batch_max_size * (2 * self.max_concurrent_batches + 1)
+        if wanted > prefetch:
+            return [
+                f"prefetch {wanted} is above the {QUORUM_MAX_PREFETCH} RabbitMQ 4.x allows a quorum queue consumer; "
+                f"using {prefetch}"
+            ]
         if prefetch < self.batch_max_size:
             return [
                 f"PREFETCH_COUNT={prefetch} is below BATCH_MAX_SIZE={self.batch_max_size}: batches of "
@@ -152,11 +223,18 @@ class Settings(BaseSettings):
         return []
 
     @property
+    def batch_jobs_key(self) -> str:
+        """The Redis hash of Batch API jobs in flight."""
+        return f"{self.redis_key_prefix}batch-jobs"
+
+    @property
     def models(self) -> frozenset[str]:
-        return frozenset([self.gemini_model, *self.allowed_models])
+        return frozenset([self.gemini_model, *limits.SERVED_BY_DEFAULT, *self.allowed_models])
 
     @property
     def reply_to_regex(self) -> re.Pattern[str]:
+        if self.reply_to_direct_only:
+            return re.compile(DIRECT_REPLY_TO_ONLY)
         pattern = DEFAULT_REPLY_TO
         if self.reply_to_pattern:
             pattern = f"(?:{pattern})|(?:{self.reply_to_pattern})"
@@ -165,15 +243,3 @@ class Settings(BaseSettings):
     @property
     def amqp_url_redacted(self) -> str:
         return redact_url(self.amqp_url.get_secret_value())
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -2,8 +2,8 @@
 
 The parent forwards SIGTERM/SIGINT to its children, restarts a child that dies unexpectedly (with
 exponential back-off, reset once a child has stayed up a while), and exits when every child has
-stopped. Each child is an ordinary ``python -m worker run`` with ``WORKER_INDEX`` set; with
-``METRICS_PORT`` set, child ``i`` serves its metrics on ``METRICS_PORT + i``.
+stopped. Each child is an ordinary ``python -m worker run``; with ``METRICS_PORT`` set, child ``i`` serves its
+metrics on ``METRICS_PORT + i``.
 In containers, prefer one process per container and let the orchestrator do this job.
 """
 
@@ -15,13 +15,15 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
+
+from worker.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 STABLE_AFTER_S = 30.0  # a child that ran this long resets its back-off
-MAX_BACKOFF_S = 30.0
+RESTART_BACKOFF = Backoff(base=0.5, cap=30.0, jitter=False)  # 0.5 s doubling to 30 s: predictable for operators
 
 
 @dataclass
@@ -31,7 +33,6 @@ class _Slot:
     started: float = 0.0
     failures: int = 0
     restart_at: float | None = None
-    restarts: int = field(default=0)
 
 
 class Supervisor:
@@ -42,7 +43,7 @@ class Supervisor:
         self.stopping = False
 
     def _spawn(self, slot: _Slot) -> None:
-        env = dict(os.environ, WORKER_INDEX=str(slot.index))
+        env = dict(os.environ)
         if self.metrics_port is not None:
             env["METRICS_PORT"] = str(self.metrics_port + slot.index)
         slot.proc = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env)
@@ -69,13 +70,12 @@ class Supervisor:
                 if slot.proc is not None and slot.proc.poll() is not None and slot.restart_at is None:
                     code = slot.proc.returncode
                     slot.failures = 1 if now - slot.started > STABLE_AFTER_S else slot.failures + 1
-                    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** (slot.failures - 1))
+                    delay = RESTART_BACKOFF.delay(slot.failures)
                     slot.restart_at = now + delay
                     log.warning(
                         "worker %d (pid %d) exited with %s; restarting in %.1fs", slot.index, slot.proc.pid, code, delay
                     )
                 if slot.restart_at is not None and now >= slot.restart_at and not self.stopping:
-                    slot.restarts += 1
                     self._spawn(slot)
             time.sleep(0.1)
         return self._wait_all()

@@ -8,61 +8,62 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from worker import limits
-from worker.embedders.base import Embedder
-from worker.errors import EmbedError, InvalidRequest, RateLimited, UpstreamError, UpstreamInvalidInput
+from worker import inputs
+from worker.backoff import Backoff
+from worker.errors import CredentialError, EmbedError, InvalidRequest, RateLimited, UpstreamError, UpstreamInvalidInput
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
-from worker.messages import EmbedConfig, Vectors
+from worker.inputs import EmbedInput
+from worker.logs import safe
+from worker.messages import EmbedConfig
 from worker.metrics import Metrics
-from worker.vectors import Vector
+from worker.ports import Embedder, Limiter
+from worker.vectors import FloatArray
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Outcome = Vector | EmbedError
+Outcome = FloatArray | EmbedError
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    max_attempts: int = 5
-    base_delay: float = 0.2
-    max_delay: float = 20.0
+    max_attempts: int
+    backoff: Backoff  # full jitter, never shorter than the API's own RetryInfo hint
 
-    def delay(self, attempt: int, hint: float | None, rng: random.Random) -> float:
-        """Full-jitter exponential backoff, never shorter than the API's own retry hint."""
-        backoff = rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
-        if hint is not None:
-            return max(backoff, min(hint, self.max_delay))
-        return backoff
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        backoff = Backoff(base=settings.retry_base_delay_ms / 1000, cap=settings.retry_max_delay_ms / 1000)
+        return cls(max_attempts=settings.retry_max_attempts, backoff=backoff)
 
 
 class UpstreamCaller:
     def __init__(
         self,
         embedder: Embedder,
-        policy: RetryPolicy | None = None,
+        policy: RetryPolicy,
         *,
+        metrics: Metrics,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        rng: random.Random | None = None,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: Limiter | None = None,
         concurrency: AdaptiveConcurrency | None = None,
         breaker: CircuitBreaker | None = None,
-        metrics: Metrics | None = None,
     ):
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         self._embedder = embedder
-        self._policy = policy or RetryPolicy()
+        self._policy = policy
         self._sleep = sleep
-        self._rng = rng or random.Random()
         self._rate = rate_limiter or RateLimiter()
         self._concurrency = concurrency
         self.breaker = breaker
 
-    async def embed(self, texts: Sequence[str], config: EmbedConfig) -> list[Outcome]:
+    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> list[Outcome]:
         attempt = 0
         while True:
             attempt += 1
@@ -71,19 +72,29 @@ class UpstreamCaller:
             except UpstreamInvalidInput as exc:
                 self.metrics.upstream_errors.labels(str(exc.status)).inc()
                 return await self._isolate(texts, config, exc)
+            except CredentialError as exc:
+                # Every call will fail alike until an operator fixes the key: no bisection, no retry, and
+                # consumption pauses at once so the queue keeps the rest of the work.
+                self.metrics.upstream_errors.labels(str(exc.status or "none")).inc()
+                log.error("the API refuses our credentials (%s): pausing; fix GEMINI_API_KEY", safe(exc.message))
+                if self.breaker is not None:
+                    self.breaker.trip()
+                return [exc] * len(texts)
             except RateLimited as exc:
                 self.metrics.upstream_errors.labels("429").inc()
                 if self._concurrency is not None:
                     self._concurrency.on_rate_limited()
                 self._failed()
+                if exc.retry_after:
+                    await self._rate.cool_down(exc.retry_after)  # shared: with a fleet limit, every worker waits
                 if exc.daily or attempt >= self._policy.max_attempts:
                     return [exc] * len(texts)
                 await self._backoff(attempt, exc)
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(str(exc.status or "none")).inc()
-                if exc.transient or exc.status in (401, 403):  # an upstream that refuses every call
+                if exc.retry_now:
                     self._failed()
-                if not exc.transient or attempt >= self._policy.max_attempts:
+                if not exc.retry_now or attempt >= self._policy.max_attempts:
                     return [exc] * len(texts)
                 await self._backoff(attempt, exc)
             else:
@@ -93,14 +104,14 @@ class UpstreamCaller:
                     self.breaker.success()
                 return list(vectors)
 
-    async def _call(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
-        await self._rate.acquire(sum(limits.estimate_tokens(t) for t in texts))
+    async def _call(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
+        await self._rate.acquire(sum(inputs.tokens(t) for t in texts))
         if self._concurrency is None:
             return await self._timed(texts, config)
         async with self._concurrency:
             return await self._timed(texts, config)
 
-    async def _timed(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
+    async def _timed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
         started = time.perf_counter()
         try:
             return await self._embedder.embed(texts, config)
@@ -111,17 +122,15 @@ class UpstreamCaller:
         if self.breaker is not None:
             self.breaker.failure()
 
-    async def embed_batch(self, config: EmbedConfig, texts: list[str]) -> list[Outcome]:
-        """``embed`` in the batcher's (key, items) order."""
-        return await self.embed(texts, config)
-
     async def _backoff(self, attempt: int, exc: UpstreamError) -> None:
-        delay = self._policy.delay(attempt, exc.retry_after, self._rng)
+        delay = self._policy.backoff.delay(attempt, exc.retry_after)
         self.metrics.retries.inc()
-        log.warning("upstream %s (attempt %d); retrying in %.2fs", exc.message, attempt, delay)
+        log.warning("upstream %s (attempt %d); retrying in %.2fs", safe(exc.message), attempt, delay)
         await self._sleep(delay)
 
-    async def _isolate(self, texts: Sequence[str], config: EmbedConfig, exc: UpstreamInvalidInput) -> list[Outcome]:
+    async def _isolate(
+        self, texts: Sequence[EmbedInput], config: EmbedConfig, exc: UpstreamInvalidInput
+    ) -> list[Outcome]:
         """The API rejected the whole batch for some input in it: bisect until the culprit stands alone."""
         if len(texts) == 1:
             return [InvalidRequest(f"rejected by the embedding API: {exc.message}")]

@@ -10,8 +10,10 @@ import orjson
 import pytest
 
 from tests.conftest import Broker
+from worker.bench.batch_echo import _reply
 from worker.bench.report import run, table
-from worker.bench.scenarios import SCENARIOS, BenchConfig, _ratio, _summary
+from worker.bench.scenarios import SCENARIOS, BenchConfig, _against, _ratio, _summary
+from worker.messages import JSON_CONTENT_TYPE, decode_reply
 
 pytestmark = pytest.mark.integration
 
@@ -51,23 +53,39 @@ async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -
         for ratio in result["ratios"].values():
             assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
         assert all(len(runs) == 1 for runs in result["all_runs"].values())
+        assert set(result["cpu_us_per_request"]) == set(result["all_runs"])
+        if "echo" in {r["target"] for r in result["runs"]}:  # every scenario with a reference has both
+            assert "batch-echo" in {r["target"] for r in result["runs"]}
+            assert any("batch-echo" in key for key in result["ratios"])
     assert {r["processes"] for r in results["scale"]["runs"]} == {1, 2, 4}
+    assert {r["dimensions"] for r in results["drain"]["runs"]} == {128}  # the smallest size a real caller asks
+    assert {r["target"] for r in results["drain"]["runs"]} == {"echo", "batch-echo", "worker"}
+
+
+def test_batch_echo_replies_hold_one_vector_per_text() -> None:
+    body = _reply("gemini-embedding-001", 128, 3)
+    vectors = decode_reply(body, JSON_CONTENT_TYPE, None, count=3)
+    assert len(vectors) == 3 and all(v.shape == (128,) for v in vectors)
 
 
 def test_rounds_give_median_ratios_and_the_median_run() -> None:
     results = {
         "a": [
-            {"texts_per_s": 100.0, "label": "a1"},
-            {"texts_per_s": 300.0, "label": "a2"},
-            {"texts_per_s": 200.0, "label": "a3"},
+            {"texts_per_s": 100.0, "cpu_us_per_request": 50.0, "label": "a1"},
+            {"texts_per_s": 300.0, "cpu_us_per_request": 70.0, "label": "a2"},
+            {"texts_per_s": 200.0, "cpu_us_per_request": 90.0, "label": "a3"},
         ],
         "b": [
-            {"texts_per_s": 100.0, "label": "b1"},
-            {"texts_per_s": 100.0, "label": "b2"},
-            {"texts_per_s": 400.0, "label": "b3"},
+            {"texts_per_s": 100.0, "cpu_us_per_request": 40.0, "label": "b1"},
+            {"texts_per_s": 100.0, "cpu_us_per_request": 30.0, "label": "b2"},
+            {"texts_per_s": 400.0, "cpu_us_per_request": 20.0, "label": "b3"},
         ],
     }
     ratio = _ratio(results, "a", "b")
     assert ratio == {"median": 1.0, "min": 0.5, "max": 3.0}  # pairwise 1.0, 3.0, 0.5: not mean(a)/mean(b)
     summary = _summary(results, {"a / b": ratio})
     assert [r["label"] for r in summary["runs"]] == ["a3", "b2"]
+    assert summary["cpu_us_per_request"]["a"] == {"median": 70.0, "min": 50.0, "max": 90.0}  # over rounds
+    both = _against(results, "a", "a", {"b": "b"})
+    assert both["a / b"] == ratio
+    assert both["CPU per request, a / b"] == {"median": 2.333, "min": 1.25, "max": 4.5}  # 1.25, 2.333, 4.5

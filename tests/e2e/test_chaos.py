@@ -1,18 +1,25 @@
-"""Chaos: hundreds of requests through a SIGKILL, a broker connection drop and random upstream 503s.
-Every request must end answered (with the right vectors, or a retryable error) or parked in the DLQ."""
+"""Chaos: hundreds of requests through a SIGKILL, a broker connection drop and random upstream 503s, with a
+hostile message among them (a correlation_id that is not UTF-8) and a deferred item whose Redis key holds a
+string. Every request must end answered (with the right vectors, or a retryable error) or parked in the DLQ,
+and every deferred item written or parked."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import aio_pika
+import numpy as np
 import pytest
+import redis.asyncio as aioredis
 
 from tests.conftest import Broker
 from tests.e2e.processes import WorkerProcess, worker_env
-from tests.integration.helpers import RawCaller, assert_right_vectors
+from tests.integration.helpers import RawCaller, assert_right_vectors, get_one
+from tests.integration.test_hostile_input import publish_once
 from worker.emulator import EmulatorState, EmulatorThread
+from worker.vectors import expected_vector
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +40,13 @@ async def _drain_dlq(url: str) -> set[str]:
 
 
 async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
-    broker: Broker, vhost: str, emulator: EmulatorThread, emulator_state: EmulatorState, processes: list[WorkerProcess]
+    *,
+    broker: Broker,
+    vhost: str,
+    redis_url: str,
+    emulator: EmulatorThread,
+    emulator_state: EmulatorState,
+    processes: list[WorkerProcess],
 ) -> None:
     emulator_state.latency_ms = 200  # ~2 s of work per worker pair: the faults land mid-stream
     emulator_state.fail_rate = 0.3
@@ -45,6 +58,9 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
         prefetch_count=24,
         retry_max_attempts=3,
         breaker_failures=0,
+        redis_url=redis_url,
+        deferred_flush_interval_s=0.5,
+        deferred_wake_messages=0,
     )
     processes += [WorkerProcess(env), WorkerProcess(env)]
     for proc in processes:
@@ -52,8 +68,28 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
     vhost_name = vhost.rsplit("/", 1)[1]
     texts = [f"chaos {i}" for i in range(N)]
 
+    prefix = f"chaos:{uuid.uuid4().hex[:8]}:"
+    redis = aioredis.Redis.from_url(redis_url)
+    await redis.set(f"{prefix}string", "a caller's string")
+    deferred = [(f"{prefix}{i}", f"deferred chaos {i}") for i in range(20)]
     async with RawCaller(vhost) as caller:
-        cids = [await caller.send({"text": t}) for t in texts]
+        cids = [await caller.send({"text": t}) for t in texts[: N // 2]]
+        hostile = "\udcff\udcfe"  # how the worker and our reader see correlation_id bytes ff fe (amqp/codec.py)
+        caller.replies[hostile] = asyncio.get_running_loop().create_future()
+        await asyncio.to_thread(
+            publish_once, vhost, b'{"text": "hostile"}', reply_to=caller.queue.name, correlation_id=b"\xff\xfe"
+        )
+        await caller.send(
+            {
+                "items": [
+                    {"key": f"{prefix}string", "text": "wrong type"},
+                    *[{"key": k, "text": t} for k, t in deferred],
+                ]
+            },
+            reply_to=None,
+            routing_key="embed.deferred",
+        )
+        cids += [await caller.send({"text": t}) for t in texts[N // 2 :]]
         await caller.reply(cids[0], timeout=30)
         processes[0].kill()  # SIGKILL mid-stream
         processes.append(WorkerProcess(env))  # its replacement
@@ -73,6 +109,20 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
                     assert reply["error"]["retryable"] is True, reply
                 else:
                     assert_right_vectors(reply, [text])
+        refused = await caller.reply(hostile, timeout=60)  # answered, through the kill and the drop
+        assert refused["error"]["message"] == "property correlation_id is not valid UTF-8"
+    for _ in range(200):  # the deferred lane drains on its 0.5 s interval, through the kill and the drop
+        if await redis.exists(*(k for k, _ in deferred)) == len(deferred):
+            break
+        await asyncio.sleep(0.1)
+    for key, text in deferred:
+        got = np.frombuffer((await redis.hgetall(key))[b"embedding"], dtype="<f4")
+        want = expected_vector(text, model="gemini-embedding-001", task_type=None, dims=None, full_dims=3072)
+        assert np.allclose(got, want, atol=1e-6), key
+    assert await redis.get(f"{prefix}string") == b"a caller's string"
+    deferred_parked = await get_one(vhost, "embed.deferred.dlq")
+    assert b"wrong type" in deferred_parked.body and "WRONGTYPE" in deferred_parked.headers["x-embed-error"]
+    await redis.aclose()
     parked = await _drain_dlq(vhost)
     unanswered = set(cids) - set(replies)
     assert unanswered <= parked, f"lost {len(unanswered - parked)} requests"

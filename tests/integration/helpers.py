@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 
 from worker import limits
+from worker.amqp import codec
 from worker.vectors import expected_vector
 
 
@@ -47,6 +48,7 @@ class RawCaller:
         self.counts: Counter[str] = Counter()
 
     async def __aenter__(self) -> RawCaller:
+        codec.install()  # replies may carry the bytes a hostile request sent (see test_hostile_input.py)
         self.connection = await aio_pika.connect(self.url)
         self.channel = await self.connection.channel()
         self.queue = await self.channel.declare_queue("", exclusive=True, auto_delete=True)

@@ -16,8 +16,8 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> Proxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._ssl)
+    async def start(self, port: int = 0) -> Proxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port, ssl=self._ssl)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self
 

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import numpy as np
 import pytest
 
-from tests.integration.helpers import assert_right_vectors
-from worker.client import EmbedClient, SyncEmbedClient
+from tests.integration.helpers import assert_right_vectors, queue_depth, wait_until
+from worker.amqp.connection import declare_once
+from worker.client import EmbedClient, EmbedClientError, EmbedTimeout, SyncEmbedClient
 from worker.emulator import EmulatorState
 
 pytestmark = pytest.mark.integration
@@ -107,4 +109,110 @@ async def test_embed_file_command(start_worker: Any, vhost: str, tmp_path: Path,
     assert matrix.shape == (230, 256)
     assert_right_vectors(
         {"embeddings": matrix.tolist(), "model": "gemini-embedding-001", "dimensions": 256}, lines, dims=256
+    )
+
+
+# ---------------------------------------------------------------------- every failure typed (issue: client errors)
+async def _spy(vhost: str, client: EmbedClient) -> tuple[str, aio_pika.abc.AbstractIncomingMessage]:
+    """Send one request to a spy queue and return the Direct Reply-to name it carried, and the request."""
+    connection = await aio_pika.connect(vhost)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind("embed.requests", routing_key=queue.name)
+        with pytest.raises(EmbedTimeout):
+            await client.request(b"{}", routing_key=queue.name, exchange="embed.requests", timeout=0.3)
+        request = await queue.get(timeout=5)
+        assert request is not None
+        return request.reply_to or "", request
+    finally:
+        await connection.close()
+
+
+async def _answer(vhost: str, reply_to: str, correlation_id: str, body: bytes) -> None:
+    connection = await aio_pika.connect(vhost)
+    try:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, correlation_id=correlation_id, content_type="application/json"), routing_key=reply_to
+        )
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"not json", "JSONDecodeError"),
+        (b'{"embeddings": [[0.1, 0.2]], "model": "m", "dimensions": 2}', "1 vectors for 2 texts"),
+        (b'{"nothing": 1}', "KeyError"),
+    ],
+)
+async def test_malformed_replies_are_typed_errors(vhost: str, body: bytes, fragment: str) -> None:
+    """A reply that breaks the contract (or a peer writing into our Direct Reply-to name) is an EmbedClientError,
+    not a JSONDecodeError/KeyError, and never a short result."""
+    await declare_once(vhost)
+    async with EmbedClient(vhost, timeout=10) as client:
+        reply_to, _ = await _spy(vhost, client)
+        call = asyncio.create_task(client.embed(["a", "b"]))
+        while not client._pending:  # noqa: ASYNC110  # the call registers its correlation id synchronously
+            await asyncio.sleep(0)
+        [cid] = client._pending
+        await _answer(vhost, reply_to, cid, body)
+        with pytest.raises(EmbedClientError) as info:
+            await call
+    assert info.value.code == "malformed_reply" and fragment in info.value.message
+
+
+async def test_requests_carry_a_deadline_not_a_broker_ttl(vhost: str) -> None:
+    """An AMQP expiration would dead-letter abandoned requests into the DLQ, which is for work worth replaying."""
+    await declare_once(vhost)
+    async with EmbedClient(vhost) as client:
+        _, request = await _spy(vhost, client)
+    assert request.expiration is None and "x-deadline" in (request.headers or {})
+
+
+async def test_timeouts_are_taken_literally(start_worker: Any, vhost: str, emulator_state: EmulatorState) -> None:
+    await start_worker()
+    async with EmbedClient(vhost) as client:
+        with pytest.raises(EmbedTimeout) as info:
+            await client.embed(["never sent"], timeout=0)
+        assert info.value.code == "timeout" and isinstance(info.value, TimeoutError)
+    assert await queue_depth(vhost, "embed.requests") == 0 and emulator_state.texts == 0
+    with pytest.raises(ValueError, match="positive"):
+        EmbedClient(vhost, timeout=0)
+
+
+async def test_an_unreachable_broker_is_a_typed_error() -> None:
+    with pytest.raises(EmbedClientError) as info:
+        await EmbedClient("amqp://guest:guest@127.0.0.1:9/").connect()
+    assert info.value.code == "unreachable" and info.value.retryable
+
+
+async def test_a_dropped_connection_fails_calls_in_flight_at_once_and_the_client_recovers(
+    broker: Any, start_worker: Any, vhost: str, emulator_state: EmulatorState
+) -> None:
+    await start_worker()
+    emulator_state.latency_ms = 5000  # the first call is still upstream when the connection drops
+    async with EmbedClient(vhost + "?reconnect_interval=0.2", timeout=30) as client:
+        call = asyncio.create_task(client.embed(["in flight"]))
+        await wait_until(lambda: queue_depth(vhost, "embed.requests"), 0)  # the worker holds it
+        listing = broker.ctl(["list_connections", "-q", "--no-table-headers", "pid", "client_properties"])
+        [pid] = [line.split("\t")[0] for line in listing.splitlines() if "embed-client" in line]
+        broker.ctl(["close_connection", pid, "test: the caller's connection drops"])
+        with pytest.raises(EmbedClientError) as info:
+            await asyncio.wait_for(call, 10)  # not the call's 30 s timeout: its reply can never come
+        assert info.value.code == "connection_lost" and info.value.retryable
+        emulator_state.latency_ms = 0
+        for _ in range(100):  # a caller retries connection_lost; the robust connection comes back
+            try:
+                vectors = await client.embed(["after the drop"], timeout=5)
+                break
+            except EmbedClientError as exc:
+                assert exc.code == "connection_lost"
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the client did not recover")
+    assert_right_vectors(
+        {"embeddings": vectors.tolist(), "model": "gemini-embedding-001", "dimensions": 3072}, ["after the drop"]
     )

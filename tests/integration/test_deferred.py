@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -257,7 +258,7 @@ def batch_settings(redis_url: str, prefix: str) -> dict[str, Any]:
         "redis_url": redis_url,
         "deferred_batch_api": True,
         "deferred_batch_api_poll_s": 0.1,
-        "deferred_batch_api_jobs_key": f"{prefix}jobs",
+        "redis_key_prefix": f"{prefix}internal:",
         **SLOW,
     }
 
@@ -280,16 +281,16 @@ async def test_batch_api_jobs_embed_at_batch_prices_and_land_later(
         await client.defer(items, task_type="RETRIEVAL_DOCUMENT", output_dimensionality=768)
         assert await client.flush() == 0  # submitted, not yet written
     redis = aioredis.Redis.from_url(redis_url)
-    assert len(await redis.hgetall(f"{prefix}jobs")) == 1  # the job is recorded; its messages are acked
+    assert len(await redis.hgetall(f"{prefix}internal:batch-jobs")) == 1  # the job is recorded; its messages are acked
     assert await queue_depth(vhost, "embed.deferred") == 0
     await wait_for_vectors(redis_url, [k for k, _ in items])
     for key, text in items:
         check_vector(await stored(redis_url, key), text, dims=768)
     for _ in range(100):  # the record goes in the same transaction as the vectors
-        if not await redis.hgetall(f"{prefix}jobs"):
+        if not await redis.hgetall(f"{prefix}internal:batch-jobs"):
             break
         await asyncio.sleep(0.05)
-    assert await redis.hgetall(f"{prefix}jobs") == {}
+    assert await redis.hgetall(f"{prefix}internal:batch-jobs") == {}
     await redis.aclose()
     assert emulator_state.calls == 0 and emulator_state.batch_texts == 30  # one slot per distinct text
 
@@ -329,3 +330,66 @@ async def test_jobs_outlive_the_worker_that_submitted_them(
     await wait_for_vectors(redis_url, [k for k, _ in items])
     for key, text in items:
         check_vector(await stored(redis_url, key), text)
+
+
+# ---------------------------------------------------------------------- hostile keys (issue: one key blocked the lane)
+async def test_keys_of_another_type_park_only_their_items(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str
+) -> None:
+    await start_worker(redis_url=redis_url, **SLOW)
+    seed = aioredis.Redis.from_url(redis_url)
+    await seed.set(f"{prefix}string", "a caller's string")
+    await seed.rpush(f"{prefix}list", "a", "b")
+    await seed.hset(f"{prefix}odd", mapping={"embedding_dimensions": "n/a", "title": "keep me"})
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer(
+            [(f"{prefix}a", "first"), (f"{prefix}string", "second"), (f"{prefix}odd", "third")],
+            task_type="RETRIEVAL_DOCUMENT",
+        )
+        await client.defer([(f"{prefix}list", "fourth")], task_type="RETRIEVAL_DOCUMENT")
+        assert await client.flush() == 2  # before: store_unavailable, while Redis was healthy
+    check_vector(await stored(redis_url, f"{prefix}a"), "first")
+    odd = await stored(redis_url, f"{prefix}odd")
+    check_vector(odd, "third")
+    assert odd[b"title"] == b"keep me"
+    assert await seed.get(f"{prefix}string") == b"a caller's string"  # never retyped
+    parked = [await get_one(vhost, "embed.deferred.dlq") for _ in range(2)]
+    keys = sorted(item["key"] for m in parked for item in orjson.loads(m.body)["items"])
+    assert keys == [f"{prefix}list", f"{prefix}string"]
+    assert all("WRONGTYPE" in m.headers["x-embed-error"] for m in parked)
+    assert await queue_depth(vhost, "embed.deferred") == 0
+    await seed.aclose()
+
+
+async def test_a_good_text_superseded_by_a_rejected_one_is_written(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str
+) -> None:
+    await start_worker(redis_url=redis_url, **SLOW)
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer([(f"{prefix}k", "the good text")], task_type="RETRIEVAL_DOCUMENT")
+        await client.defer([(f"{prefix}k", f"bad {BAD_INPUT_MARKER}")], task_type="RETRIEVAL_DOCUMENT")
+        assert await client.flush() == 1
+    check_vector(await stored(redis_url, f"{prefix}k"), "the good text")
+    parked = await get_one(vhost, "embed.deferred.dlq")
+    assert parked.headers["x-embed-error"].startswith("invalid_request: rejected by the embedding API")
+
+
+async def test_callers_cannot_write_into_the_workers_keys_and_the_poller_survives_a_bad_record(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, emulator_state: EmulatorState
+) -> None:
+    settings = batch_settings(redis_url, prefix)
+    jobs_key = f"{prefix}internal:batch-jobs"
+    seed = aioredis.Redis.from_url(redis_url)
+    await seed.hset(jobs_key, "batches/garbage", b"not a job record")  # however it got there, it must not block
+    await start_worker(**settings)
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer(
+            [(jobs_key, "overwrite your jobs"), (f"{prefix}fine", "fine")], task_type="RETRIEVAL_DOCUMENT"
+        )
+        await client.flush()
+        await wait_for_vectors(redis_url, [f"{prefix}fine"])
+    check_vector(await stored(redis_url, f"{prefix}fine"), "fine")
+    assert await seed.hgetall(jobs_key) == {b"batches/garbage": b"not a job record"}  # our job came and went
+    parked = await get_one(vhost, "embed.deferred.dlq")
+    assert "reserved namespace" in parked.headers["x-embed-error"]
+    await seed.aclose()

@@ -44,7 +44,7 @@ async def test_retry_budget_exhausted_gives_retryable_error_and_dead_letters(
     parked = await get_one(vhost, "embed.requests.dlq")
     assert parked.correlation_id == cid
     assert orjson.loads(parked.body) == {"text": "doomed"}
-    assert parked.headers["x-death"][0]["reason"] == "rejected"  # type: ignore[index]
+    assert parked.headers["x-embed-error"] == "upstream_error: Gemini API 500 INTERNAL: injected fault"
 
 
 async def test_daily_quota_answers_rate_limited_at_once(
@@ -278,15 +278,53 @@ async def test_sigterm_with_the_broker_unreachable_still_exits_within_the_grace(
     assert loop.time() - started < 10
 
 
-async def test_rejected_api_key_parks_requests_for_replay(
+async def test_a_wrong_api_key_parks_what_it_touched_pauses_and_loses_nothing(
     start_worker: Any, vhost: str, emulator_state: EmulatorState
 ) -> None:
-    await start_worker(retry_max_attempts=5)
-    emulator_state.faults = [Fault(403, times=-1)]
+    """Gemini answers a wrong key with a 400, like bad input. Before: every batch was bisected (100 requests,
+    198 calls) and every request answered invalid_request, retryable false, and acked: the work was gone."""
+    emulator_state.api_key = "the-operators-new-key"  # the worker still has the old one
+    await start_worker(batch_max_size=10, max_concurrent_batches=1, prefetch_count=30, breaker_cooldown_s=0.3)
+    texts = [f"key trouble {i}" for i in range(100)]
     async with RawCaller(vhost) as caller:
-        cid = await caller.send({"text": "key trouble"})
-        reply = await caller.reply(cid)
-    assert reply["error"]["code"] == "upstream_error" and reply["error"]["retryable"] is True
-    assert emulator_state.rejected == 1  # not retried: a key problem does not heal in seconds
-    parked = await get_one(vhost, "embed.requests.dlq")
-    assert parked.correlation_id == cid
+        cids = [await caller.send({"text": t}) for t in texts]
+        await wait_until(lambda: consumers(vhost, "embed.requests"), 0)  # paused after the first refusal
+        first = await caller.reply(cids[0])
+        assert first["error"] == {
+            "code": "upstream_error",
+            "message": "Gemini API 400 INVALID_ARGUMENT: API key not valid. Please pass a valid API key.",
+            "retryable": True,
+        }
+        calls_while_wrong = emulator_state.rejected
+        assert calls_while_wrong <= 3, "a credential error was bisected or retried"
+        emulator_state.api_key = None  # the operator fixes the key: the breaker's probe goes through
+        replies = {cid: await caller.reply(cid, timeout=30) for cid in cids}
+    refused = {cid for cid, r in replies.items() if "error" in r}
+    for cid, text in zip(cids, texts, strict=True):
+        if cid in refused:
+            assert replies[cid]["error"]["retryable"] is True
+        else:
+            assert_right_vectors(replies[cid], [text])
+    assert len(refused) <= 30  # at most the prefetch window; the queue kept the rest
+    parked = set()
+    while len(parked) < len(refused):
+        message = await get_one(vhost, "embed.requests.dlq")
+        assert message.headers["x-embed-error"].startswith("upstream_error: Gemini API 400")
+        parked.add(message.correlation_id)
+    assert parked == refused  # every refused request is parked for replay
+
+
+async def test_direct_reply_to_only_refuses_server_named_reply_queues(start_worker: Any, vhost: str) -> None:
+    """The default guard keeps replies out of named queues but cannot tell one app's amq.gen-* queue from
+    another's; REPLY_TO_DIRECT_ONLY narrows replies to the caller's own Direct Reply-to channel."""
+    await start_worker(reply_to_direct_only=True)
+    async with RawCaller(vhost) as caller:  # an exclusive server-named (amq.gen-*) reply queue
+        await caller.send({"text": "to amq.gen"}, correlation_id="gen")
+        parked = await get_one(vhost, "embed.requests.dlq")
+        assert (
+            parked.correlation_id == "gen"
+            and parked.headers["x-embed-error"] == "reply_to is not an allowed reply queue"
+        )
+    async with EmbedClient(vhost, timeout=20) as client:  # Direct Reply-to is still served
+        vectors = await client.embed(["direct"])
+    assert vectors.shape == (1, 3072)

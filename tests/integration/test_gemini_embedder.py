@@ -10,7 +10,7 @@ from pydantic import SecretStr
 
 from worker.embedders.gemini import GeminiEmbedder
 from worker.emulator import EmulatorState, EmulatorThread, Fault
-from worker.errors import RateLimited, UpstreamError, UpstreamInvalidInput
+from worker.errors import CredentialError, RateLimited, UpstreamError, UpstreamInvalidInput
 from worker.messages import EmbedConfig
 from worker.vectors import expected_vector
 
@@ -55,26 +55,50 @@ async def test_errors_are_mapped(embedder: GeminiEmbedder, emulator_state: Emula
     ]
     with pytest.raises(RateLimited) as limited:
         await embedder.embed(["a"], cfg)
-    assert limited.value.retry_after == 7 and limited.value.transient and not limited.value.daily
+    assert limited.value.retry_after == 7 and limited.value.retry_now and not limited.value.daily
     with pytest.raises(RateLimited) as daily:
         await embedder.embed(["a"], cfg)
-    assert daily.value.daily and not daily.value.transient and daily.value.retryable
+    assert daily.value.daily and not daily.value.retry_now and daily.value.replayable
     with pytest.raises(UpstreamError) as unavailable:
         await embedder.embed(["a"], cfg)
-    assert unavailable.value.transient and unavailable.value.status == 503
+    assert unavailable.value.retry_now and unavailable.value.status == 503
     with pytest.raises(UpstreamInvalidInput):
         await embedder.embed(["a"], cfg)
-    with pytest.raises(UpstreamError) as denied:
+    with pytest.raises(CredentialError) as denied:
         await embedder.embed(["a"], cfg)
-    assert not denied.value.transient and denied.value.status == 403 and denied.value.retryable
+    assert not denied.value.retry_now and denied.value.status == 403 and denied.value.replayable
     with pytest.raises(UpstreamError) as unknown:
         await embedder.embed(["a"], EmbedConfig("no-such-model"))
-    assert unknown.value.status == 404 and not unknown.value.transient and not unknown.value.retryable
+    assert unknown.value.status == 404 and not unknown.value.retry_now and not unknown.value.replayable
+
+
+async def test_a_wrong_key_is_a_credential_error_not_bad_input(
+    emulator: EmulatorThread, emulator_state: EmulatorState
+) -> None:
+    """Gemini answers a wrong key with 400 INVALID_ARGUMENT; only its ErrorInfo reason tells it from bad input."""
+    emulator_state.api_key = "the-right-key"
+    emb = GeminiEmbedder(api_key=SecretStr("a-wrong-key"), base_url=emulator.base_url, timeout_s=5)
+    try:
+        with pytest.raises(CredentialError) as wrong:
+            await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
+        assert wrong.value.status == 400 and wrong.value.reason == "API_KEY_INVALID" and wrong.value.replayable
+        emulator_state.api_key = None
+        emulator_state.faults = [
+            Fault(400, reason="API_KEY_EXPIRED", message="API key expired. Please renew the API key."),
+            Fault(400, message="Request contains an invalid argument."),
+        ]
+        with pytest.raises(CredentialError) as expired:
+            await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
+        assert expired.value.reason == "API_KEY_EXPIRED"
+        with pytest.raises(UpstreamInvalidInput):  # a 400 about the input stays bad input
+            await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
+    finally:
+        await emb.aclose()
 
 
 async def test_connection_refused_is_transient() -> None:
     emb = GeminiEmbedder(api_key=SecretStr("k"), base_url="http://127.0.0.1:9", timeout_s=2)
     with pytest.raises(UpstreamError) as info:
         await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
-    assert info.value.transient
+    assert info.value.retry_now
     await emb.aclose()

@@ -65,10 +65,14 @@ async def test_metrics_and_health_after_real_traffic(
         assert status == 200
         return samples(body)
 
-    # the dead-lettered message is settled asynchronously: wait for its counter
+    # the dead-lettered message is settled asynchronously: wait for its counter, and for its delivery to leave
+    # the in-flight gauge (the counter moves while the message is settled, the gauge once its handler returns)
     for _ in range(100):
         m = await scrape()
-        if m.get(("embed_dead_lettered_total", (("reason", "no_reply_to"),))) == 1:
+        if (
+            m.get(("embed_dead_lettered_total", (("reason", "no_reply_to"),))) == 1
+            and m.get(("embed_inflight_messages", ())) == 0
+        ):
             break
         await asyncio.sleep(0.05)
     assert m[("embed_requests_received_total", ())] == 22

@@ -77,6 +77,27 @@ def test_compose_file_parses_and_workers_wait_for_a_healthy_broker() -> None:
     assert worker["healthcheck"]["test"]
 
 
+def test_the_cluster_profile_has_three_nodes_and_workers_that_list_them_all() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    nodes = [
+        name
+        for name, svc in services.items()
+        if svc.get("profiles") == ["cluster"] and "rabbitmq" in svc.get("image", "")
+    ]
+    assert sorted(nodes) == ["rabbit1", "rabbit2", "rabbit3"]
+    assert {services[n]["hostname"] for n in nodes} == set(nodes)
+    assert len({services[n]["environment"]["RABBITMQ_ERLANG_COOKIE"] for n in nodes}) == 1
+    conf = (ROOT / "deploy" / "rabbitmq" / "cluster.conf").read_text()
+    assert all(f"rabbit@{n}" in conf for n in nodes) and all("cluster.conf" in services[n]["volumes"][0] for n in nodes)
+    worker = services["cluster-worker"]
+    urls = worker["environment"]["AMQP_URL"].split(",")
+    assert sorted(u.split("@")[1].split(":")[0] for u in urls) == sorted(nodes)
+    assert set(worker["depends_on"]) == set(nodes) and worker["deploy"]["replicas"] >= 2
+    settings = {k.lower(): v for k, v in worker["environment"].items() if not str(v).startswith("${")}
+    Settings(_env_file=None, **settings, gemini_api_key="x")  # type: ignore[call-arg]  # the worker accepts them
+
+
 def test_grafana_dashboard_uses_only_metrics_the_worker_exports() -> None:
     from worker.metrics import Metrics
 

@@ -1,12 +1,14 @@
-"""Flow control: adaptive concurrency, rate-limit arithmetic, circuit breaker transitions."""
+"""Flow control: adaptive concurrency, the sliding-window rate limit, circuit breaker transitions."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter, _Bucket
+from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 
 
 async def test_adaptive_concurrency_halves_on_429_and_bounds_inflight() -> None:
@@ -49,17 +51,6 @@ class FakeTime:
         self.now += seconds
 
 
-def test_token_bucket_arithmetic() -> None:
-    t = FakeTime()
-    bucket = _Bucket(per_minute=60, clock=t.clock)
-    assert bucket.wait_time(60) == 0.0
-    bucket.level -= 60
-    assert bucket.wait_time(1) == pytest.approx(1.0)  # one request per second refills
-    assert bucket.wait_time(1000) == pytest.approx(60.0)  # larger than capacity: a full minute
-    t.now += 30
-    assert bucket.wait_time(1) == 0.0
-
-
 async def test_unlimited_rate_limiter_never_waits() -> None:
     limiter = RateLimiter()
     for _ in range(1000):
@@ -67,18 +58,55 @@ async def test_unlimited_rate_limiter_never_waits() -> None:
     assert limiter.waited == 0
 
 
-async def test_rate_limiter_spaces_calls_once_the_budget_is_spent() -> None:
+async def test_a_full_window_waits_until_its_oldest_call_leaves() -> None:
     t = FakeTime()
-    limiter = RateLimiter(requests_per_minute=120, tokens_per_minute=6000, clock=t.clock, sleep=t.sleep)
-    for _ in range(120):  # the first minute's budget is there at once
-        await limiter.acquire(10)
-    assert t.sleeps == []
-    await limiter.acquire(10)  # then one request per 0.5 s
-    assert t.sleeps == [pytest.approx(0.5)]
-    await limiter.acquire(3000)  # 4,840 tokens left: only the request spacing waits
-    assert t.sleeps == [pytest.approx(0.5), pytest.approx(0.5)]
-    await limiter.acquire(3000)  # 1,890 left: 1,110 short at 100 tokens/s
-    assert t.sleeps[-1] == pytest.approx(11.1)
+    limiter = RateLimiter(3, 1000, window=60, clock=t.clock, sleep=t.sleep)
+    for at in (0, 10, 20):
+        t.now = at
+        await limiter.acquire(100)
+    t.now = 30
+    await limiter.acquire(100)  # a 4th call in [0, 60): it waits for the one at 0 to leave
+    assert t.sleeps == [pytest.approx(30)] and t.now == pytest.approx(60)
+    await limiter.acquire(800)  # the window holds 10, 20, 60 (300 tokens): 800 more fit once the call at 10 leaves
+    assert t.sleeps[-1] == pytest.approx(10)
+    await limiter.acquire(1000)  # the whole budget: it waits for an empty window (until 70 has left: 60 s)
+    assert t.sleeps[-1] == pytest.approx(60)
+
+
+async def test_a_cool_down_holds_every_call() -> None:
+    t = FakeTime()
+    limiter = RateLimiter(clock=t.clock, sleep=t.sleep)
+    await limiter.cool_down(7)
+    await limiter.acquire(1)
+    assert t.sleeps == [pytest.approx(7)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    calls=st.integers(1, 8),
+    budget=st.integers(50, 400),
+    arrivals=st.lists(st.tuples(st.floats(0, 5), st.integers(1, 500)), min_size=1, max_size=40),
+)
+def test_no_rolling_window_ever_holds_more_than_the_budget(
+    calls: int, budget: int, arrivals: list[tuple[float, int]]
+) -> None:
+    """The issue's rule, for any arrival pattern: at most ``calls`` calls and ``budget`` tokens in any window
+    (a call larger than the whole budget counts as the whole budget); and no call waits longer than it must."""
+
+    async def run() -> None:
+        t = FakeTime()
+        limiter = RateLimiter(calls, budget, window=10, clock=t.clock, sleep=t.sleep)
+        admitted: list[tuple[float, int]] = []
+        for gap, tokens in arrivals:
+            t.now += gap
+            await limiter.acquire(tokens)
+            admitted.append((t.now, min(tokens, budget)))
+        for start, _ in admitted:
+            inside = [k for at, k in admitted if start <= at < start + 10]
+            assert len(inside) <= calls and sum(inside) <= budget
+        assert t.now <= sum(g for g, _ in arrivals) + 10 * len(arrivals)  # bounded: nobody waits forever
+
+    asyncio.run(run())
 
 
 async def test_breaker_opens_after_threshold_probes_and_closes_on_success() -> None:

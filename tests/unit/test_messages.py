@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 
 from worker.errors import ErrorCode, InvalidRequest
 from worker.messages import (
-    EmbedReply,
     EmbedRequest,
     ErrorReply,
+    MalformedReply,
     RequestLimits,
-    decode_float32_reply,
+    decode_flush_reply,
+    decode_reply,
     decode_request,
     encode_error,
+    encode_flush_reply,
+    encode_request,
     encode_vectors,
 )
 
@@ -41,7 +44,7 @@ def decode(
 
 def test_texts_and_defaults() -> None:
     req = decode({"texts": ["a", "b"]})
-    assert req.texts == ["a", "b"]
+    assert req.inputs == ["a", "b"]
     assert req.config.model == "gemini-embedding-001"
     assert req.config.task_type is None and req.config.output_dimensionality is None
     assert req.config.dimensions == 3072
@@ -56,7 +59,7 @@ def test_single_text_and_full_config() -> None:
             "output_dimensionality": 768,
         }
     )
-    assert req.texts == ["hi"]
+    assert req.inputs == ["hi"]
     assert (req.config.model, req.config.task_type, req.config.output_dimensionality) == (
         "gemini-embedding-001",
         "RETRIEVAL_QUERY",
@@ -106,25 +109,49 @@ def test_bad_requests_get_a_clear_message(body: Any, headers: Any, content_type:
     with pytest.raises(InvalidRequest) as info:
         decode(body, headers, content_type)
     assert fragment in info.value.message
-    assert info.value.code == ErrorCode.INVALID_REQUEST and not info.value.retryable
+    assert info.value.code == ErrorCode.INVALID_REQUEST and not info.value.replayable
 
 
 def test_truncate_cuts_only_overlong_texts() -> None:
     req = decode({"texts": ["short", "y" * 1000], "truncate": True})
-    assert req.texts == ["short", "y" * 400]
+    assert req.inputs == ["short", "y" * 400]
 
 
 def test_replies_round_trip_through_the_documented_schemas() -> None:
     vectors = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
-    reply = EmbedReply.model_validate_json(encode_vectors(vectors, "gemini-embedding-001").body)
-    assert reply.dimensions == 8 and reply.model == "gemini-embedding-001"
-    assert np.array_equal(np.asarray(reply.embeddings, dtype=np.float32), vectors)  # exact float32 round trip
-    err = ErrorReply.model_validate_json(encode_error(InvalidRequest("nope")).body)
-    assert (err.error.code, err.error.message, err.error.retryable) == ("invalid_request", "nope", False)
+    reply = encode_vectors(vectors, "gemini-embedding-001")
+    document = orjson.loads(reply.body)
+    assert document["dimensions"] == 8 and document["model"] == "gemini-embedding-001"
+    assert np.array_equal(decode_reply(reply.body, reply.content_type, None, count=3), vectors)  # exact float32
+    with pytest.raises(ErrorReply) as err:
+        decode_reply(encode_error(InvalidRequest("nope")).body, "application/json", None)
+    assert (err.value.code, err.value.message, err.value.retryable) == ("invalid_request", "nope", False)
     binary = encode_vectors(vectors, "gemini-embedding-001", "float32")
     assert binary.content_type == "application/x-embeddings-float32" and len(binary.body) == 3 * 8 * 4
-    assert binary.headers is not None
-    assert np.array_equal(decode_float32_reply(binary.body, binary.headers), vectors)
+    assert np.array_equal(decode_reply(binary.body, binary.content_type, binary.headers), vectors)
+    assert decode_flush_reply(encode_flush_reply(7).body) == 7
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[1]", b'{"embeddings": "x"}', b'{"embeddings": [1, 2]}', b'{"error": "x"}', b"{}"],
+)
+def test_malformed_replies_are_named_as_such(body: bytes) -> None:
+    with pytest.raises(MalformedReply):
+        decode_reply(body, "application/json", None)
+
+
+def test_a_reply_with_the_wrong_number_of_vectors_is_malformed() -> None:
+    reply = encode_vectors(np.zeros((2, 8), np.float32), "m")
+    with pytest.raises(MalformedReply, match="2 vectors for 3 texts"):
+        decode_reply(reply.body, reply.content_type, None, count=3)
+
+
+def test_the_caller_encoding_is_what_the_worker_decodes() -> None:
+    body = encode_request(["a", "b"], task_type="CLUSTERING", output_dimensionality=256, reply_encoding="float32")
+    req = decode_request(body, content_type="application/json", headers=None, limits_=LIMITS)
+    assert req.inputs == ["a", "b"] and req.reply_encoding == "float32"
+    assert (req.config.task_type, req.config.output_dimensionality) == ("CLUSTERING", 256)
 
 
 json_values = st.recursive(
@@ -168,9 +195,22 @@ def test_any_body_and_headers_give_a_valid_request_or_a_clean_error(
         req = decode_request(body, content_type=content_type, headers=headers, limits_=LIMITS)
     except InvalidRequest as exc:
         assert exc.message and len(exc.message) < 2000
-        ErrorReply.model_validate_json(encode_error(exc).body)
+        with pytest.raises(ErrorReply):
+            decode_reply(encode_error(exc).body, "application/json", None)
         return
-    assert 1 <= len(req.texts) <= LIMITS.max_texts
-    assert all(isinstance(t, str) and t.strip() for t in req.texts)
+    assert 1 <= len(req.inputs) <= LIMITS.max_texts
+    assert all(isinstance(t, str) and t.strip() for t in req.inputs)
     assert req.config.model in LIMITS.models
     assert 128 <= req.config.dimensions <= 3072
+
+
+def test_prefetch_stays_under_the_quorum_cap_and_says_so() -> None:
+    from worker.settings import Settings
+
+    base = {"embed_backend": "emulator", "batch_max_size": 100}
+    default = Settings(_env_file=None, **base)  # type: ignore[call-arg]
+    assert default.effective_prefetch == 900 and default.prefetch_warnings() == []
+    wide = Settings(_env_file=None, max_concurrent_batches=12, **base)  # type: ignore[call-arg]
+    assert wide.effective_prefetch == 2000 and "above the 2000" in wide.prefetch_warnings()[0]
+    classic = Settings(_env_file=None, max_concurrent_batches=12, queue_type="classic", **base)  # type: ignore[call-arg]
+    assert classic.effective_prefetch == 2500 and classic.prefetch_warnings() == []

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from tests.fakes import FakeEmbedder
+from worker.backoff import Backoff
 from worker.emulator import BAD_INPUT_MARKER
-from worker.errors import ErrorCode, InvalidRequest, RateLimited, UpstreamError
+from worker.errors import CredentialError, ErrorCode, InvalidRequest, RateLimited, UpstreamError
+from worker.flow import CircuitBreaker
 from worker.messages import EmbedConfig
+from worker.metrics import Metrics
 from worker.upstream import RetryPolicy, UpstreamCaller
 from worker.vectors import expected_vector
 
@@ -31,9 +34,8 @@ class Sleeps:
 
 
 def caller(fake: FakeEmbedder, sleeps: Sleeps, attempts: int = 4) -> UpstreamCaller:
-    return UpstreamCaller(
-        fake, RetryPolicy(max_attempts=attempts, base_delay=0.1, max_delay=5), sleep=sleeps, rng=random.Random(7)
-    )
+    policy = RetryPolicy(max_attempts=attempts, backoff=Backoff(base=0.1, cap=5, rng=random.Random(7)))
+    return UpstreamCaller(fake, policy, metrics=Metrics(), sleep=sleeps)
 
 
 def check(texts: Sequence[str], outcomes: Sequence[object]) -> None:
@@ -43,7 +45,7 @@ def check(texts: Sequence[str], outcomes: Sequence[object]) -> None:
 
 
 async def test_transient_errors_are_retried_with_growing_jittered_backoff() -> None:
-    fake = FakeEmbedder(faults=[UpstreamError("503", status=503, transient=True)] * 3)
+    fake = FakeEmbedder(faults=[UpstreamError("503", status=503, retry_now=True)] * 3)
     sleeps = Sleeps()
     out = await caller(fake, sleeps).embed(["a", "b"], CFG)
     check(["a", "b"], out)
@@ -60,10 +62,10 @@ async def test_retry_hint_from_the_api_is_honoured() -> None:
 
 
 async def test_budget_exhausted_gives_a_retryable_error_for_every_text() -> None:
-    fake = FakeEmbedder(faults=[UpstreamError("500", status=500, transient=True)] * 10)
+    fake = FakeEmbedder(faults=[UpstreamError("500", status=500, retry_now=True)] * 10)
     out = await caller(fake, Sleeps(), attempts=3).embed(["a", "b"], CFG)
     assert len(fake.calls) == 3
-    assert all(isinstance(o, UpstreamError) and o.retryable for o in out)
+    assert all(isinstance(o, UpstreamError) and o.replayable for o in out)
 
 
 async def test_daily_quota_is_not_retried() -> None:
@@ -71,14 +73,29 @@ async def test_daily_quota_is_not_retried() -> None:
     sleeps = Sleeps()
     out = await caller(fake, sleeps).embed(["a"], CFG)
     assert len(fake.calls) == 1 and sleeps.delays == []
-    assert isinstance(out[0], RateLimited) and out[0].code == ErrorCode.RATE_LIMITED and out[0].retryable
+    assert isinstance(out[0], RateLimited) and out[0].code == ErrorCode.RATE_LIMITED and out[0].replayable
 
 
 async def test_permanent_errors_are_not_retried() -> None:
-    fake = FakeEmbedder(faults=[UpstreamError("403", status=403, transient=False)])
+    fake = FakeEmbedder(faults=[UpstreamError("404", status=404, retry_now=False)])
     out = await caller(fake, Sleeps()).embed(["a"], CFG)
     assert len(fake.calls) == 1
-    assert isinstance(out[0], UpstreamError) and not out[0].retryable
+    assert isinstance(out[0], UpstreamError) and not out[0].replayable
+
+
+async def test_credential_errors_are_never_bisected_and_trip_the_breaker() -> None:
+    """A wrong key is a 400 too; bisecting 100 texts would cost 198 calls and blame every input."""
+    fake = FakeEmbedder(faults=[CredentialError("400 API key not valid", status=400, reason="API_KEY_INVALID")])
+    opened: list[bool] = []
+    breaker = CircuitBreaker(5, 60.0, on_open=lambda: opened.append(True), on_close=lambda: None)
+    policy = RetryPolicy(max_attempts=4, backoff=Backoff(base=0.1, cap=5))
+    upstream = UpstreamCaller(fake, policy, metrics=Metrics(), sleep=Sleeps(), breaker=breaker)
+    texts = [f"text {i}" for i in range(100)]
+    out = await upstream.embed(texts, CFG)
+    assert len(fake.calls) == 1
+    assert all(isinstance(o, CredentialError) and o.replayable for o in out)
+    assert opened == [True] and breaker.is_open  # paused at once, not after five failed calls
+    breaker.success()
 
 
 @pytest.mark.parametrize("bad_positions", [[0], [5], [9], [2, 7]])

@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 
 from worker import limits
+from worker.topology import QUEUE
 
 
 def _reply(dims: int, model: str) -> bytes:
@@ -27,7 +28,7 @@ async def main(url: str, prefetch: int) -> None:
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=prefetch)
     publish = await connection.channel(publisher_confirms=True)
-    queue = await channel.get_queue("embed.requests")
+    queue = await channel.get_queue(QUEUE)
     cache: dict[tuple[str, int], bytes] = {}
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:

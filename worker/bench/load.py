@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import aio_pika
 import numpy as np
-import orjson
 
 from worker import limits
-from worker.messages import FLOAT32_CONTENT_TYPE, decode_float32_reply
+from worker.messages import JSON_CONTENT_TYPE, decode_reply, encode_request
+from worker.topology import ROUTING_KEY
 from worker.vectors import expected_vector
 
 
@@ -66,17 +66,11 @@ class Driver:
 
     async def send(self, text: str, *, model: str, dims: int | None) -> None:
         cid = uuid.uuid4().hex
-        body: dict[str, object] = {"text": text, "model": model}
-        if dims:
-            body["output_dimensionality"] = dims
-        if self.reply_encoding != "json":
-            body["reply_encoding"] = self.reply_encoding
+        body = encode_request([text], model=model, output_dimensionality=dims, reply_encoding=self.reply_encoding)
         self.sent[cid] = Sent(text, time.perf_counter(), len(self.sent) % self.sample_every == 0)
         await self.channel.default_exchange.publish(
-            aio_pika.Message(
-                orjson.dumps(body), content_type="application/json", correlation_id=cid, reply_to=self.queue.name
-            ),
-            routing_key="embed.requests",
+            aio_pika.Message(body, content_type=JSON_CONTENT_TYPE, correlation_id=cid, reply_to=self.queue.name),
+            routing_key=ROUTING_KEY,
         )
 
     async def open_loop(self, rate: float, count: int, *, model: str, dims: int | None, prefix: str) -> None:
@@ -99,13 +93,7 @@ class Driver:
         """Verify the sampled replies; returns how many were checked. Raises on a wrong vector."""
         full = limits.full_dimensions(model)
         for cid, message in self.bodies.items():
-            if message.content_type == FLOAT32_CONTENT_TYPE:
-                got = decode_float32_reply(message.body, message.headers or {})[0]
-            else:
-                reply = orjson.loads(message.body)
-                if "error" in reply:
-                    raise AssertionError(f"error reply: {reply['error']}")
-                got = np.asarray(reply["embeddings"][0], dtype=np.float32)
+            got = decode_reply(message.body, message.content_type, message.headers, count=1)[0]
             if echo:
                 if got.shape != ((dims or full),):
                     raise AssertionError(f"echo reply of shape {got.shape}")

@@ -49,15 +49,19 @@ def table(name: str, result: dict[str, Any]) -> str:
             f"adds {lone['added_p50_ms']} ms at p50 beyond BATCH_MAX_WAIT_MS and the echo round trip"
         )
         return "\n".join(lines)
+    # CPU per request: the median over the rounds with min-max (the row's run is the median by rate).
     lines.append(
-        f"{'run':<34} {'req/s':>9} {'texts/s':>9} {'calls':>7} {'batch':>7} {'RSS MB':>8} {'CPU us/req':>10} {'s':>7}"
+        f"{'run':<34} {'req/s':>9} {'texts/s':>9} {'calls':>7} {'batch':>7} {'RSS MB':>8} "
+        f"{'CPU us/req (min-max)':>22} {'s':>7}"
     )
+    cpus = result.get("cpu_us_per_request", {})
     for r in result["runs"]:
         batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
+        c = cpus.get(r["label"])
+        cpu = f"{c['median']:.0f} ({c['min']:.0f}-{c['max']:.0f})" if c else f"{r['cpu_us_per_request']:.0f}"
         lines.append(
             f"{r['label']:<34} {r['requests_per_s']:>9.0f} {r['texts_per_s']:>9.0f} "
-            f"{r['upstream_calls']:>7} {batch:>7} {r['peak_rss_mb']:>8.1f} {r['cpu_us_per_request']:>10.0f} "
-            f"{r['seconds']:>7.2f}"
+            f"{r['upstream_calls']:>7} {batch:>7} {r['peak_rss_mb']:>8.1f} {cpu:>22} {r['seconds']:>7.2f}"
         )
     for key, value in result.get("ratios", {}).items():
         lines.append(

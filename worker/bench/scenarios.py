@@ -20,12 +20,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import numpy as np
 import orjson
 
-from worker.amqp import AmqpConfig, AmqpTransport
+from worker.amqp.connection import declare_once
 from worker.bench.load import Driver
 from worker.bench.procs import ManagedProcess
 
 SMALL = "emulator-embedding-8d"  # the emulator's 8-dimension model: message cost without float cost
 FULL = "gemini-embedding-001"
+SMALLEST = 128  # the smallest output_dimensionality a real caller can ask of FULL
+ECHOES = ("echo", "batch-echo")  # the reference workers: ready-made replies, no upstream
 
 
 @dataclass
@@ -92,8 +94,9 @@ class Bench:
 
     def start(self, target: str, url: str, **settings: Any) -> ManagedProcess:
         c = self.config
-        if target == "echo":
-            return ManagedProcess(["-m", "worker.bench.echo", url, str(c.batch_size * (c.concurrency + 1))])
+        if target in ECHOES:
+            module = "worker.bench.echo" if target == "echo" else "worker.bench.batch_echo"
+            return ManagedProcess(["-m", module, url, str(c.batch_size * (c.concurrency + 1))])
         if target == "naive":
             return ManagedProcess(["-m", "worker.bench.naive", url, self.emulator_url])
         env = {
@@ -138,9 +141,7 @@ class Bench:
         self.emulator_call("/_emulator/reset")
         self.emulator_call("/_emulator/config", {"latency_ms": latency_ms})
         async with self.vhost() as url:
-            transport = AmqpTransport(AmqpConfig(url=url, prefetch=1, queue_type=self.queue_type))
-            await transport.connect()  # the worker's own topology, declared before the load
-            await transport.close()
+            await declare_once(url, self.queue_type)  # the worker's own topology, declared before the load
             async with Driver(url, reply_encoding=reply_encoding) as driver:
                 bar = self._progress(n, f"{label or target}: publish")
                 for i in range(n):
@@ -167,7 +168,7 @@ class Bench:
                         p.stop(10)
                     if bar is not None:
                         bar.close()
-                checked = driver.check_sample(model=model, dims=dims, echo=target == "echo")
+                checked = driver.check_sample(model=model, dims=dims, echo=target in ECHOES)
         stats = self.emulator_call("/_emulator/stats")
         seconds = finished - started
         return {
@@ -196,9 +197,7 @@ class Bench:
         rows = []
         async with self.vhost() as url:
             if target == "echo":  # the echo worker declares nothing: give it the worker's topology
-                transport = AmqpTransport(AmqpConfig(url=url, prefetch=1, queue_type=self.queue_type))
-                await transport.connect()
-                await transport.close()
+                await declare_once(url, self.queue_type)
             proc = self.start(target, url)
             try:
                 await asyncio.to_thread(proc.wait_for_line, "ready:", 60)
@@ -263,33 +262,65 @@ async def _rounds(bench: Bench, specs: list[RunSpec]) -> dict[str, list[dict[str
 
 def _ratio(results: dict[str, list[dict[str, Any]]], a: str, b: str, key: str = "texts_per_s") -> dict[str, float]:
     """Pairwise ratios a/b over the rounds: median, min and max."""
-    pairs = [float(x[key]) / float(y[key]) for x, y in zip(results[a], results[b], strict=True)]
-    return {"median": round(statistics.median(pairs), 3), "min": round(min(pairs), 3), "max": round(max(pairs), 3)}
+    return _spread([float(x[key]) / float(y[key]) for x, y in zip(results[a], results[b], strict=True)])
+
+
+def _spread(values: list[float], digits: int = 3) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
 
 
 def _summary(results: dict[str, list[dict[str, Any]]], ratios: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The median run of each spec for the table, every run for the record."""
+    """The median run of each spec for the table, every run for the record, and each spec's CPU per request
+    over the rounds (the median run by rate need not be the median by CPU)."""
     median_runs = [sorted(runs, key=lambda r: r["texts_per_s"])[len(runs) // 2] for runs in results.values()]
-    return {"runs": median_runs, "all_runs": results, "ratios": ratios, **extra}
+    cpu = {label: _spread([r["cpu_us_per_request"] for r in runs], 1) for label, runs in results.items()}
+    return {"runs": median_runs, "all_runs": results, "ratios": ratios, "cpu_us_per_request": cpu, **extra}
+
+
+def _against(
+    results: dict[str, list[dict[str, Any]]], name: str, run: str, refs: dict[str, str], suffix: str = ""
+) -> dict[str, dict[str, float]]:
+    """``run`` against each reference run beside it (``refs``: reference name -> its spec's label), as rate
+    ratios ("{name} / {ref}{suffix}") and CPU-per-request ratios ("CPU per request, {name} / {ref}{suffix}")."""
+    rates = {f"{name} / {ref}{suffix}": _ratio(results, run, label) for ref, label in refs.items()}
+    cpu = {
+        f"CPU per request, {name} / {ref}{suffix}": _ratio(results, run, label, key="cpu_us_per_request")
+        for ref, label in refs.items()
+    }
+    return {**rates, **cpu}
 
 
 async def scenario_drain(bench: Bench) -> dict[str, Any]:
+    """A pre-loaded queue at 128 dims of gemini-embedding-001, the smallest size a real caller can ask for,
+    against both references; with the upstream answering at once and after 100 ms. (The emulator's 8-dimension
+    model is measured in ``baseline``.)"""
     n = bench.config.requests
+    common = {"n": n, "model": FULL, "dims": SMALLEST}
+    echo, batch_echo, worker = f"echo {SMALLEST}d", f"batch-echo {SMALLEST}d", f"worker {SMALLEST}d"
+    slow = f"worker {SMALLEST}d, upstream 100 ms"
     results = await _rounds(
         bench,
         [
-            RunSpec("echo 8d", "echo", {"n": n}),
-            RunSpec("worker 8d", "worker", {"n": n}),
-            RunSpec("worker 8d, upstream 100 ms", "worker", {"n": n, "latency_ms": 100}),
+            RunSpec(echo, "echo", common),
+            RunSpec(batch_echo, "batch-echo", common),
+            RunSpec(worker, "worker", common),
+            RunSpec(slow, "worker", {**common, "latency_ms": 100}),
         ],
     )
+    refs = {"echo": echo, "batch-echo": batch_echo}
     return _summary(
         results,
         {
-            "worker / echo": _ratio(results, "worker 8d", "echo 8d"),
-            "worker (100 ms upstream) / echo": _ratio(results, "worker 8d, upstream 100 ms", "echo 8d"),
-            "CPU per request, worker / echo": _ratio(results, "worker 8d", "echo 8d", key="cpu_us_per_request"),
+            **_against(results, "worker", worker, refs),
+            **_against(results, "worker (100 ms upstream)", slow, refs),
+            **_against(results, "batch-echo", batch_echo, {"echo": echo}),
         },
+        model=FULL,
+        dimensions=SMALLEST,
     )
 
 
@@ -300,18 +331,18 @@ async def scenario_dims(bench: Bench) -> dict[str, Any]:
         common = {"n": n, "model": FULL, "dims": dims if dims != 3072 else None}
         specs += [
             RunSpec(f"echo {dims}d", "echo", common),
+            RunSpec(f"batch-echo {dims}d", "batch-echo", common),
             RunSpec(f"worker {dims}d", "worker", common),
             RunSpec(f"worker {dims}d, float32 replies", "worker", {**common, "reply_encoding": "float32"}),
         ]
     results = await _rounds(bench, specs)
     for dims in (768, 3072):
-        ratios[f"worker / echo at {dims}d"] = _ratio(results, f"worker {dims}d", f"echo {dims}d")
-        ratios[f"worker float32 replies / echo (JSON) at {dims}d"] = _ratio(
-            results, f"worker {dims}d, float32 replies", f"echo {dims}d"
+        refs = {"echo": f"echo {dims}d", "batch-echo": f"batch-echo {dims}d"}
+        ratios.update(_against(results, "worker", f"worker {dims}d", refs, f" at {dims}d"))
+        ratios.update(
+            _against(results, "worker float32 replies", f"worker {dims}d, float32 replies", refs, f" (JSON) at {dims}d")
         )
-        ratios[f"CPU per request, worker / echo at {dims}d"] = _ratio(
-            results, f"worker {dims}d", f"echo {dims}d", key="cpu_us_per_request"
-        )
+        ratios.update(_against(results, "batch-echo", f"batch-echo {dims}d", {"echo": refs["echo"]}, f" at {dims}d"))
     return _summary(results, ratios)
 
 
@@ -322,28 +353,26 @@ async def scenario_upstream_bound(bench: Bench) -> dict[str, Any]:
         bench,
         [
             RunSpec("echo 8d", "echo", {"n": n}),
+            RunSpec("batch-echo 8d", "batch-echo", {"n": n}),
             RunSpec("worker 8d, upstream 300 ms", "worker", {"n": n, "latency_ms": 300}),
         ],
     )
     ideal = c.concurrency * c.batch_size / 0.3
-    fractions = [
-        w["texts_per_s"] / min(ideal, e["texts_per_s"])
-        for w, e in zip(results["worker 8d, upstream 300 ms"], results["echo 8d"], strict=True)
-    ]
-    fill = [w["mean_batch"] / c.batch_size for w in results["worker 8d, upstream 300 ms"]]
+    worker = results["worker 8d, upstream 300 ms"]
+
+    def fraction_of(ref: str) -> dict[str, float]:
+        return _spread(
+            [w["texts_per_s"] / min(ideal, e["texts_per_s"]) for w, e in zip(worker, results[ref], strict=True)]
+        )
+
     return _summary(
         results,
         {
-            "worker / min(ideal, echo)": {
-                "median": round(statistics.median(fractions), 3),
-                "min": round(min(fractions), 3),
-                "max": round(max(fractions), 3),
-            },
-            "batch fill (mean texts per call / BATCH_MAX_SIZE)": {
-                "median": round(statistics.median(fill), 3),
-                "min": round(min(fill), 3),
-                "max": round(max(fill), 3),
-            },
+            "worker / min(ideal, echo)": fraction_of("echo 8d"),
+            "worker / min(ideal, batch-echo)": fraction_of("batch-echo 8d"),
+            "batch fill (mean texts per call / BATCH_MAX_SIZE)": _spread(
+                [w["mean_batch"] / c.batch_size for w in worker]
+            ),
         },
         ideal_texts_per_s=round(ideal, 1),
     )
@@ -356,21 +385,27 @@ async def scenario_scale(bench: Bench) -> dict[str, Any]:
 
 
 async def scenario_baseline(bench: Bench) -> dict[str, Any]:
+    """The emulator's 8-dimension model (message cost without float cost): references, naive, worker."""
     n = max(100, bench.config.requests // 4)
+    naive = "naive 8d (1 call/message)"
     results = await _rounds(
         bench,
         [
             RunSpec("echo 8d", "echo", {"n": n}),
-            RunSpec("naive 8d (1 call/message)", "naive", {"n": n}),
+            RunSpec("batch-echo 8d", "batch-echo", {"n": n}),
+            RunSpec(naive, "naive", {"n": n}),
             RunSpec("worker 8d", "worker", {"n": n}),
         ],
     )
+    refs = {"echo": "echo 8d", "batch-echo": "batch-echo 8d"}
     return _summary(
         results,
         {
-            "naive / echo": _ratio(results, "naive 8d (1 call/message)", "echo 8d"),
-            "worker / echo": _ratio(results, "worker 8d", "echo 8d"),
-            "worker / naive (batching speed-up)": _ratio(results, "worker 8d", "naive 8d (1 call/message)"),
+            "naive / echo": _ratio(results, naive, "echo 8d"),
+            "naive / batch-echo": _ratio(results, naive, "batch-echo 8d"),
+            **_against(results, "worker", "worker 8d", refs),
+            "worker / naive (batching speed-up)": _ratio(results, "worker 8d", naive),
+            **_against(results, "batch-echo", "batch-echo 8d", {"echo": "echo 8d"}),
         },
     )
 

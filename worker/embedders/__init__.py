@@ -1,5 +1,1 @@
-"""Embedding backends behind one small protocol."""
-
-from worker.embedders.base import Embedder
-
-__all__ = ["Embedder"]
+"""Embedding backends (``ports.Embedder``, ``ports.BatchJobs``): the google-genai adapters."""

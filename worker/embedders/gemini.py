@@ -6,14 +6,17 @@ connection errors on its own and would hide them from our retry budget and metri
 The SDK itself does not retry by default (``HttpOptions.retry_options`` is unset), which we keep:
 retries, backoff and rate limiting live in ``worker.upstream``.
 
-Two call paths, same endpoint, same SDK transport, headers and error mapping (``APIError``):
-- ``fast_path=True`` (default) builds the ``batchEmbedContents`` body itself and sends it through the
-  SDK's own API client (``client.aio._api_client.async_request``), then parses the raw response with
-  orjson straight into one float32 array. Profiling showed why: at 3,072 dimensions the public
-  method's stdlib-json parse plus a pydantic object per vector costs ~180 ms per 100 vectors, and at
-  8 dimensions its per-text request models were ~10% of the worker's CPU (README, Performance).
+Two call paths, same endpoint, same URL, headers and error type (the SDK's ``APIError``):
+- ``fast_path=True`` (default) builds the ``batchEmbedContents`` body itself and posts it through our httpx
+  client to the URL the SDK would use, with the SDK's own headers (API key, client identification), reading
+  both from the SDK's client; a non-200 answer goes through the SDK's ``APIError.raise_for_async_response``.
+  The response is parsed with orjson straight into one float32 array. Measured why: the public method's
+  stdlib-json parse plus a pydantic object per vector costs ~180 ms per 100 vectors at 3,072 dimensions, its
+  per-text request models were ~10% of the worker's CPU at 8 dimensions, and even the SDK's ``async_request``
+  (retry wrapper, request objects) costs ~1.0 ms of CPU per call more than the post itself (3.5 against 2.5 ms
+  per 100-text call against the emulator).
 - ``fast_path=False`` calls the public ``client.aio.models.embed_content``. It is also used when the
-  installed SDK lacks the private client the fast path needs. Tests run both against the emulator.
+  installed SDK lacks the client attributes the fast path reads. Tests run both against the emulator.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from pydantic import SecretStr
 
-from worker import limits
-from worker.errors import RateLimited, UpstreamError, UpstreamInvalidInput
-from worker.messages import EmbedConfig, Vectors
-from worker.vectors import normalise
+from worker import inputs, limits
+from worker.errors import CredentialError, RateLimited, UpstreamError, UpstreamInvalidInput
+from worker.inputs import EmbedInput
+from worker.messages import EmbedConfig
+from worker.vectors import FloatArray, normalise
 
 log = logging.getLogger(__name__)
 
@@ -62,56 +66,66 @@ class GeminiEmbedder:
         )
         self._client = genai.Client(api_key=api_key.get_secret_value(), http_options=options)
         self.client = self._client  # shared with the Batch API path (embedders/gemini_batch.py)
-        self._api_client = getattr(self._client.aio, "_api_client", None) if fast_path else None
-        self.fast_path = self._api_client is not None and hasattr(self._api_client, "async_request")
+        self._route = _fast_route(self._client) if fast_path else None
+        self.fast_path = self._route is not None
 
-    async def embed(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
+    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
         if len(texts) > limits.MAX_TEXTS_PER_CALL:
-            raise ValueError(f"{len(texts)} texts in one call; the API takes {limits.MAX_TEXTS_PER_CALL}")
+            raise ValueError(f"{len(texts)} inputs in one call; the API takes {limits.MAX_TEXTS_PER_CALL}")
+        prepared = [inputs.with_task(item, config.model, config.task_type) for item in texts]
         try:
             if self.fast_path:
-                vectors = await self._embed_fast(texts, config)
+                vectors = await self._embed_fast(prepared, config)
             else:
-                vectors = await self._embed_public(texts, config)
+                vectors = await self._embed_public(prepared, config)
         except genai_errors.APIError as exc:
             raise map_api_error(exc) from None
         except httpx.TimeoutException as exc:
-            raise UpstreamError(f"timed out: {type(exc).__name__}", transient=True) from None
+            raise UpstreamError(f"timed out: {type(exc).__name__}", retry_now=True) from None
         except httpx.TransportError as exc:
-            raise UpstreamError(f"connection error: {type(exc).__name__}", transient=True) from None
+            raise UpstreamError(f"connection error: {type(exc).__name__}", retry_now=True) from None
         except (KeyError, TypeError, ValueError) as exc:  # a 200 whose body is not what the API documents
-            raise UpstreamError(f"malformed API response: {type(exc).__name__}", transient=True) from None
+            raise UpstreamError(f"malformed API response: {type(exc).__name__}", retry_now=True) from None
 
         if vectors.ndim != 2 or vectors.shape != (len(texts), config.dimensions):
             raise UpstreamError(
-                f"API returned vectors of shape {vectors.shape} for {len(texts)} texts", transient=False
+                f"API returned vectors of shape {vectors.shape} for {len(texts)} inputs", retry_now=False
             )
         if config.dimensions < limits.full_dimensions(config.model):
             normalise(vectors)
         return vectors
 
-    async def _embed_public(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
+    async def _embed_public(self, items: list[EmbedInput], config: EmbedConfig) -> FloatArray:
         embed_config = types.EmbedContentConfig(
-            task_type=config.task_type, output_dimensionality=config.output_dimensionality
+            task_type=inputs.api_task_type(config.model, config.task_type),
+            output_dimensionality=config.output_dimensionality,
         )
-        contents: list[Any] = list(texts)  # one text per content; the SDK batches them in one call
+        # One Content per input, always: given a list of strings (or parts), the SDK merges them into ONE content
+        # for a multimodal model and returns one embedding (google-genai's t_contents; its own test
+        # test_gemini_embedding_2_content_combination asserts exactly that).
+        contents: list[Any] = [_sdk_content(item) for item in items]
         response = await self._client.aio.models.embed_content(
             model=config.model, contents=contents, config=embed_config
         )
         return np.array([e.values for e in response.embeddings or []], dtype=np.float32)
 
-    async def _embed_fast(self, texts: Sequence[str], config: EmbedConfig) -> Vectors:
+    async def _embed_fast(self, items: list[EmbedInput], config: EmbedConfig) -> FloatArray:
         """POST {base}/{version}/models/{model}:batchEmbedContents, as the SDK's public method does."""
-        assert self._api_client is not None
+        assert self._route is not None
+        base, headers = self._route
         model = f"models/{config.model}"
         extra: dict[str, Any] = {}
-        if config.task_type:
-            extra["taskType"] = config.task_type
+        if task_type := inputs.api_task_type(config.model, config.task_type):
+            extra["taskType"] = task_type
         if config.output_dimensionality:
             extra["outputDimensionality"] = config.output_dimensionality
-        body = {"requests": [{"model": model, "content": {"parts": [{"text": t}]}, **extra} for t in texts]}
-        response = await self._api_client.async_request("post", f"{model}:batchEmbedContents", body)
-        parsed = orjson.loads(response.body)
+        body = {"requests": [{"model": model, "content": {"parts": inputs.rest_parts(t)}, **extra} for t in items]}
+        response = await self._http.post(
+            f"{base}{model}:batchEmbedContents", content=orjson.dumps(body), headers=headers
+        )
+        if response.status_code != 200:
+            await genai_errors.APIError.raise_for_async_response(response)
+        parsed = orjson.loads(response.content)
         embeddings = parsed.get("embeddings") or []
         return np.array([e["values"] for e in embeddings], dtype=np.float32)
 
@@ -119,25 +133,77 @@ class GeminiEmbedder:
         await self._http.aclose()
 
 
+def _fast_route(client: genai.Client) -> tuple[str, dict[str, str]] | None:
+    """The base URL (with the API version) and the headers the SDK itself would send, read off its client; None
+    when this SDK keeps them elsewhere (then the public path is used)."""
+    options = getattr(getattr(client.aio, "_api_client", None), "_http_options", None)
+    base_url, version = getattr(options, "base_url", None), getattr(options, "api_version", None)
+    if not (isinstance(base_url, str) and isinstance(version, str)):
+        return None
+    headers = {str(k): str(v) for k, v in (getattr(options, "headers", None) or {}).items()}
+    if not any(k.lower() == "x-goog-api-key" for k in headers):
+        return None  # another kind of credentials (Vertex): let the SDK sign its own requests
+    headers["Content-Type"] = "application/json"
+    return f"{base_url.rstrip('/')}/{version}/", headers
+
+
+def _sdk_content(item: EmbedInput) -> types.Content:
+    if isinstance(item, str):
+        return types.Content(parts=[types.Part(text=item)])
+    parts = []
+    for part in item.parts:
+        if part.text is not None:
+            parts.append(types.Part(text=part.text))
+        elif part.data is not None:
+            parts.append(types.Part.from_bytes(data=part.data, mime_type=part.mime_type or ""))
+        else:
+            parts.append(types.Part.from_uri(file_uri=part.file_uri or "", mime_type=part.mime_type))
+    return types.Content(parts=parts)
+
+
+# google.rpc.ErrorInfo reasons that blame the key or the project, never the input. Gemini answers a wrong key
+# with HTTP 400 INVALID_ARGUMENT and reason API_KEY_INVALID, so the status alone cannot tell it from bad input.
+CREDENTIAL_REASONS = frozenset(
+    {
+        "API_KEY_INVALID",
+        "API_KEY_EXPIRED",
+        "API_KEY_SERVICE_BLOCKED",
+        "API_KEY_HTTP_REFERRER_BLOCKED",
+        "API_KEY_IP_ADDRESS_BLOCKED",
+        "API_KEY_ANDROID_APP_BLOCKED",
+        "API_KEY_IOS_APP_BLOCKED",
+        "ACCESS_TOKEN_EXPIRED",
+        "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
+        "SERVICE_DISABLED",
+        "BILLING_DISABLED",
+        "CONSUMER_INVALID",
+    }
+)
+
+
 def map_api_error(exc: genai_errors.APIError) -> UpstreamError:
-    """Translate the SDK's error into our error kinds (message kept short and key-free)."""
+    """Translate the SDK's error into our error kinds (message kept short and key-free). The one place that
+    decides what is a credential problem."""
     code = int(exc.code or 0)
     message = f"Gemini API {code} {exc.status or ''}: {(exc.message or '')[:300]}".strip()
     details = _details(exc.details)
+    reason = _error_reason(details)
     if code == 429:
         return RateLimited(message, retry_after=_retry_delay(details), daily=_is_daily_quota(details))
+    if (
+        code in (401, 403)
+        or reason in CREDENTIAL_REASONS
+        # A 400 that is about the account, not the input: FAILED_PRECONDITION ("User location is not
+        # supported"), or a key complaint whose ErrorInfo went missing.
+        or (code == 400 and (exc.status == "FAILED_PRECONDITION" or (exc.message or "").startswith("API key")))
+    ):
+        return CredentialError(message, status=code, reason=reason)
     if code == 400:
         return UpstreamInvalidInput(message)
     if code in (408, 409) or code >= 500:
-        return UpstreamError(message, status=code, transient=True, retry_after=_retry_delay(details))
-    if code in (401, 403):
-        # The key, not the request: retrying now will not help, but the request is good once an operator
-        # fixes the key, so it is parked for replay (retryable) and counts towards pausing consumption.
-        error = UpstreamError(message, status=code, transient=False)
-        error.retryable = True
-        return error
+        return UpstreamError(message, status=code, retry_now=True, retry_after=_retry_delay(details))
     # 404 (unknown model) and the like: the request cannot succeed as sent.
-    return UpstreamError(message, status=code, transient=False)
+    return UpstreamError(message, status=code, retry_now=False)
 
 
 def _details(body: Any) -> list[dict[str, Any]]:
@@ -146,6 +212,14 @@ def _details(body: Any) -> list[dict[str, Any]]:
         if isinstance(inner, dict) and isinstance(inner.get("details"), list):
             return [d for d in inner["details"] if isinstance(d, dict)]
     return []
+
+
+def _error_reason(details: list[dict[str, Any]]) -> str | None:
+    """google.rpc.ErrorInfo's ``reason`` (API_KEY_INVALID, ...), if the error carries one."""
+    for detail in details:
+        if str(detail.get("@type", "")).endswith("google.rpc.ErrorInfo") and detail.get("reason"):
+            return str(detail["reason"])
+    return None
 
 
 def _retry_delay(details: list[dict[str, Any]]) -> float | None:

@@ -17,11 +17,11 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from worker import limits
-from worker.embedders.base import JobResult
 from worker.embedders.gemini import map_api_error
 from worker.errors import EmbedError, InvalidRequest, UpstreamError
 from worker.messages import EmbedConfig
-from worker.vectors import Vector, normalise
+from worker.ports import JobResult
+from worker.vectors import FloatArray, normalise
 
 _PENDING = {"JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_QUEUED", "JOB_STATE_UNSPECIFIED"}
 
@@ -47,7 +47,7 @@ class GeminiBatchJobs:
         except genai_errors.APIError as exc:
             raise map_api_error(exc) from None
         if not job.name:
-            raise UpstreamError("the Batch API returned a job without a name", transient=True)
+            raise UpstreamError("the Batch API returned a job without a name", retry_now=True)
         return job.name
 
     async def result(self, name: str, config: EmbedConfig, count: int) -> JobResult | None:
@@ -63,7 +63,7 @@ class GeminiBatchJobs:
         if state != "JOB_STATE_SUCCEEDED" or responses is None or len(responses) != count:
             return JobResult(False, state, [])
         full = limits.full_dimensions(config.model)
-        outcomes: list[Vector | EmbedError] = []
+        outcomes: list[FloatArray | EmbedError] = []
         for item in responses:
             values = item.response.embedding.values if item.response and item.response.embedding else None
             if values is None or len(values) != config.dimensions:

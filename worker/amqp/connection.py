@@ -1,0 +1,231 @@
+"""The broker connection and the topology: connect (robust, TLS), declare what ``worker.topology`` names.
+
+aio-pika's robust connection owns reconnecting: it reopens our channels on a new connection and runs their
+``reopen_callbacks``, which is where the consumer and publisher pick up their new channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue, AbstractRobustConnection
+from yarl import URL
+
+from worker import topology
+from worker.amqp import codec
+from worker.backoff import Backoff
+from worker.errors import BrokerUnreachable, ConfigurationError
+from worker.logs import redact_url
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpConfig:
+    url: str
+    prefetch: int
+    queue_type: str
+    delivery_limit: int
+    reconnect_interval: float
+    connect_timeout: float = 60.0
+    quorum_group_size: int = 5
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    connection_name: str = "embed-worker"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, name: str = "embed-worker") -> AmqpConfig:
+        return cls(
+            url=settings.amqp_url.get_secret_value(),
+            prefetch=settings.effective_prefetch,
+            queue_type=settings.queue_type,
+            delivery_limit=settings.delivery_limit,
+            reconnect_interval=settings.amqp_reconnect_interval_s,
+            connect_timeout=settings.amqp_connect_timeout_s,
+            quorum_group_size=settings.quorum_initial_group_size,
+            ca_file=settings.amqp_ca_file,
+            cert_file=settings.amqp_cert_file,
+            key_file=settings.amqp_key_file,
+            connection_name=name,
+        )
+
+
+def split_urls(value: str) -> list[str]:
+    """AMQP_URL may list several brokers, the nodes of one cluster, separated by commas."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection over several broker addresses: after a failed attempt or a lost connection,
+    the next attempt goes to the next address in turn (the dead node is likely the one we were on).
+
+    aio-pika 10 has no hook per reconnect attempt: its reconnect loop calls ``RobustConnection.__connect_transport``,
+    which connects to ``self.url``. This class overrides that one method, by its mangled name, to pick the address
+    first; the cluster failover test (tests/e2e/test_cluster.py) fails if an aio-pika upgrade changes this. Query
+    options (``?reconnect_interval=...``) are read from the first address. Upstream, connect_robust could take a
+    list of URLs."""
+
+    def __init__(self, url: URL, *args: Any, urls: Sequence[str] = (), first: int = 0, **kwargs: Any):
+        super().__init__(url, *args, **kwargs)
+        self._urls = [URL(u) for u in urls] or [self.url]
+        self._turn = first % len(self._urls)
+
+    def _next_address(self) -> None:
+        self._turn = (self._turn + 1) % len(self._urls)
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        self.url = self._urls[self._turn]
+        try:
+            await super()._RobustConnection__connect_transport()  # type: ignore[misc]
+        except BaseException:
+            self._next_address()
+            raise
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if not self._close_called:
+            self._next_address()
+        await super()._on_connection_close(closing)
+
+
+async def connect_any(urls: str, *, first: int = 0, **kwargs: Any) -> AbstractRobustConnection:
+    """A robust connection to the first of ``urls`` (comma-separated) that answers, failing over in turn."""
+    addresses = split_urls(urls)
+    start = addresses[first % len(addresses)]
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(
+        start, connection_class=FailoverConnection, urls=addresses, first=first, **kwargs
+    )
+    return connection
+
+
+async def connect_plain(config: AmqpConfig, name: str) -> aiormq.abc.AbstractConnection:
+    """A plain aiormq connection (no reconnects: its owner opens another when it dies), first address that answers."""
+    codec.install()
+    error: Exception | None = None
+    for url in split_urls(config.url):
+        try:
+            return await aiormq.connect(url, context=ssl_context(config), client_properties={"connection_name": name})
+        except (aiormq.exceptions.AMQPError, OSError) as exc:
+            error = exc
+    raise error or RuntimeError("no broker address")
+
+
+def ssl_context(config: AmqpConfig) -> ssl.SSLContext | None:
+    if not (config.ca_file or config.cert_file):
+        return None
+    ctx = ssl.create_default_context(cafile=config.ca_file)
+    if config.cert_file:
+        ctx.load_cert_chain(config.cert_file, config.key_file)
+    return ctx
+
+
+async def connect(config: AmqpConfig) -> AbstractRobustConnection:
+    """The first connection. A broker that does not answer *yet* is tried again (the next address of the list,
+    if several) with back-off for ``connect_timeout`` seconds, each attempt logged; one that answers and refuses us
+    is not (a wrong password or a missing vhost will not heal by waiting). Then the robust connection reconnects
+    on its own."""
+    codec.install()  # before the first frame: a peer's invalid UTF-8 must not close this connection
+    where = redact_url(config.url)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.connect_timeout
+    backoff = Backoff(base=0.5, cap=5.0)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await connect_any(
+                config.url,
+                first=attempt - 1,  # each attempt of this loop starts at the next address
+                ssl_context=ssl_context(config),
+                client_properties={"connection_name": config.connection_name},
+                reconnect_interval=config.reconnect_interval,
+                timeout=max(1.0, min(10.0, deadline - loop.time())),
+            )
+        except aiormq.exceptions.ProbableAuthenticationError as exc:
+            raise ConfigurationError(f"the broker at {where} refused the login: {exc}") from exc
+        except aiormq.exceptions.InvalidFrameError as exc:
+            # RabbitMQ closes the connection instead of answering connection.open for a vhost that does not exist
+            # (or that the user may not use); aiormq reports that as an unexpected frame.
+            raise ConfigurationError(
+                f"the broker at {where} closed the connection while opening it: the vhost does not exist, or this "
+                "user has no access to it"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise ConfigurationError(f"TLS to {where} failed: {exc}") from exc
+        except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as exc:
+            left = deadline - loop.time()
+            reason = str(exc) or type(exc).__name__
+            if left <= 0:
+                raise BrokerUnreachable(
+                    f"no broker answered at {where} within AMQP_CONNECT_TIMEOUT_S={config.connect_timeout:g} s "
+                    f"({attempt} attempts; last: {reason})"
+                ) from exc
+            delay = min(left, backoff.delay(attempt))
+            log.warning("broker at %s not reachable (%s); attempt %d, retrying in %.1fs", where, reason, attempt, delay)
+            await asyncio.sleep(delay)
+
+
+async def declare_topology(
+    connection: AbstractConnection, queue_type: str, delivery_limit: int, group_size: int
+) -> AbstractChannel:
+    """Declare what ``worker.topology`` names; returns the channel (robust: it declares again after a reconnect).
+
+    A queue is declared with its full arguments only when it does not exist yet; an existing one is used as it
+    is (a passive declare). RabbitMQ refuses a declare whose arguments differ from the queue's, so adding one
+    (``x-quorum-initial-group-size`` came later than the first workers) must not break a rolling upgrade; to change
+    the arguments of an existing queue, use a policy or recreate it."""
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(topology.EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+    dlx = await channel.declare_exchange(topology.DLX, aio_pika.ExchangeType.DIRECT, durable=True)
+    replicas = {"x-quorum-initial-group-size": group_size} if queue_type == "quorum" else {}
+    for dlq, key in ((topology.DLQ, topology.QUEUE), (topology.DEFERRED_DLQ, topology.DEFERRED_KEY)):
+        queue = await _queue(connection, channel, dlq, {"x-queue-type": queue_type, **replicas})
+        await queue.bind(dlx, routing_key=key)
+    for name, key in ((topology.QUEUE, topology.ROUTING_KEY), (topology.DEFERRED_QUEUE, topology.DEFERRED_KEY)):
+        arguments = topology.queue_arguments(queue_type, delivery_limit, dead_letter_key=key)
+        queue = await _queue(connection, channel, name, {**arguments, **replicas})
+        await queue.bind(exchange, routing_key=key)
+    return channel
+
+
+async def _queue(
+    connection: AbstractConnection, channel: AbstractChannel, name: str, arguments: dict[str, Any]
+) -> AbstractQueue:
+    if await _exists(connection, name):
+        return await channel.declare_queue(name, passive=True)
+    return await channel.declare_queue(name, durable=True, arguments=arguments)
+
+
+async def _exists(connection: AbstractConnection, name: str) -> bool:
+    """A passive declare on a throwaway aiormq channel: the broker closes the channel it answers 404 on."""
+    transport = connection.transport
+    assert transport is not None
+    probe = await transport.connection.channel()
+    try:
+        await probe.queue_declare(name, passive=True)
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+
+
+async def declare_once(url: str, queue_type: str = "quorum", delivery_limit: int = 5, group_size: int = 5) -> None:
+    """Declare the topology and disconnect: for tools that publish before any worker runs (the bench, tests)."""
+    codec.install()
+    connection = await aio_pika.connect(split_urls(url)[0])
+    try:
+        await declare_topology(connection, queue_type, delivery_limit, group_size)
+    finally:
+        await connection.close()

@@ -1,0 +1,191 @@
+"""The protocols and value types the core depends on; adapters implement them.
+
+The core is ``service.py`` (RPC lane), ``deferred/`` (fire-and-forget lane) and ``upstream.py``. The adapters are
+``amqp/`` (``Delivery``, ``ReplyPublisher``, ``DeferredQueue``), ``redis_store.py`` (``VectorStore``) and
+``embedders/`` (``Embedder``, ``BatchJobs``). Nothing here imports a broker client, a database client or an SDK.
+
+Settling is a value: the core decides what becomes of each delivery and returns a ``Settle``; ``amqp/settle.py``
+applies every one of them, for both lanes, in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from worker.errors import EmbedError
+from worker.inputs import EmbedInput
+from worker.messages import EmbedConfig, Reply
+from worker.vectors import FloatArray
+
+
+# ---------------------------------------------------------------------- settling
+class SettleAction(StrEnum):
+    ACK = "ack"  # done: answered, or nothing more to do
+    DEAD_LETTER = "dead_letter"  # parked in the dead-letter queue for an operator, with a reason
+    REQUEUE = "requeue"  # back to the queue for another try (basic.reject requeue=true: counted by quorum queues)
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    action: SettleAction
+    reason: str = ""  # DEAD_LETTER: the ``x-embed-error`` header, in words
+    label: str = ""  # DEAD_LETTER: the metrics label (``embed_dead_lettered_total{reason}``)
+
+
+ACK = Settle(SettleAction.ACK)
+REQUEUE = Settle(SettleAction.REQUEUE)
+
+
+def dead_letter(label: str, reason: str) -> Settle:
+    return Settle(SettleAction.DEAD_LETTER, reason=reason, label=label)
+
+
+# ---------------------------------------------------------------------- the broker, as the core sees it
+class Delivery(Protocol):
+    """One message taken from a queue. Settled only through a ``Settle`` value, never by the core itself."""
+
+    body: bytes
+    content_type: str | None
+    headers: Mapping[str, Any]
+    reply_to: str | None
+    correlation_id: str | None
+    message_id: str | None
+    # The first property (or "a header name") that arrived as invalid UTF-8, else None (amqp/codec.py).
+    invalid_property: str | None
+
+
+class ReplyUndeliverable(Exception):
+    """The broker returned the reply: no queue by that name (the caller is gone)."""
+
+
+class ReplyPublisher(Protocol):
+    async def publish_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
+        """Publish and wait for the broker's confirm; raise ReplyUndeliverable if it was returned."""
+
+    async def caller_alive(self, reply_to: str) -> bool:
+        """False only when the broker says a Direct Reply-to caller has gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest:
+    """A request for every worker's deferred lane to drain now, answered on ``reply_to`` with ``{"flushed": N}``."""
+
+    reply_to: str | None
+    correlation_id: str | None
+
+
+class DeferredQueue(Protocol):
+    """``embed.deferred`` and its dead-letter queue, for the deferred lane."""
+
+    async def get(self, max_messages: int) -> list[Delivery]:
+        """Take up to ``max_messages`` waiting messages (basic.get: nothing waits in a prefetch window)."""
+
+    async def depth(self) -> int: ...
+
+    async def settle(self, outcomes: Sequence[tuple[Delivery, Settle]]) -> None: ...
+
+    async def republish(self, body: bytes, headers: dict[str, Any]) -> None:
+        """A new message on ``embed.deferred`` (items sent back after a failed Batch API job)."""
+
+    async def park(self, body: bytes, reason: str) -> None:
+        """A new message in ``embed.deferred.dlq`` with ``reason`` in its headers (items split off a message)."""
+
+
+# ---------------------------------------------------------------------- the store, as the deferred lane sees it
+class StoreUnavailable(Exception):
+    """Redis could not be reached or refused the write as a whole; nothing of the round is acked."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVector:
+    key: str
+    vector: FloatArray
+    model: str
+    text_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """What a key holds already, for skipping unchanged texts; ``error`` when the key cannot take our fields."""
+
+    text_hash: str | None = None
+    model: str | None = None
+    dimensions: int | None = None
+    error: str | None = None
+
+
+class VectorStore(Protocol):
+    async def write(self, entries: Sequence[StoredVector]) -> list[str | None]:
+        """Write every entry; per entry None, or why that key refused it (e.g. it holds another type).
+        Raises StoreUnavailable when the store as a whole failed."""
+
+    async def existing(self, keys: Sequence[str]) -> list[Existing]: ...
+
+    async def save_job(self, name: str, record: bytes) -> None: ...
+
+    async def jobs(self) -> dict[str, bytes]: ...
+
+    async def complete_job(self, name: str, entries: Sequence[StoredVector]) -> list[str | None]:
+        """The job's vectors and the removal of its record, at once; per entry None or why the key refused it."""
+
+    async def drop_job(self, name: str) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+
+# ---------------------------------------------------------------------- the embedding API
+class Limiter(Protocol):
+    """The API budget (UPSTREAM_RPM, UPSTREAM_TPM) that every upstream call draws from."""
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one more call of ``tokens`` estimated tokens fits the budget, and count it."""
+
+    async def cool_down(self, seconds: float) -> None:
+        """The API asked for a pause (a 429's RetryInfo): every caller sharing this budget waits it out."""
+
+
+class CacheUnavailable(Exception):
+    """The cache did not answer in time, or failed; the caller goes on without it."""
+
+
+class VectorCache(Protocol):
+    """Vectors already paid for, by key (``frugal.cache_key``): float32 bytes."""
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    async def put_many(self, entries: Sequence[tuple[str, bytes]]) -> None: ...
+
+
+class BatchEmbedder(Protocol):
+    """What the lanes call to embed one batch: per input a vector or the error its request gets."""
+
+    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> list[FloatArray | EmbedError]: ...
+
+
+class Embedder(Protocol):
+    """Embeds one batch: all texts share ``config``; returns one unit-length float32 row per text.
+
+    Implementations raise ``worker.errors.UpstreamError`` (or a subclass) for API failures."""
+
+    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """A finished Batch API job: what became of each text, in order (empty if the job failed as a whole)."""
+
+    succeeded: bool
+    state: str
+    outcomes: list[FloatArray | EmbedError]
+
+
+class BatchJobs(Protocol):
+    async def submit(self, texts: Sequence[str], config: EmbedConfig, display_name: str) -> str: ...
+
+    async def result(self, name: str, config: EmbedConfig, count: int) -> JobResult | None:
+        """None while the job runs."""
