@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Delivery], Awaitable[Settle]]
 ProbeConnect = Callable[[], Awaitable[aiormq.abc.AbstractConnection]]  # a plain connection for caller probes
 CALLER_CHECK_TTL_S = 1.0
+PROBE_TIMEOUT_S = 2.0  # a caller check that takes longer is inconclusive
 
 
 async def handle_delivery(message: DeliveredMessage, handle: Handler, settler: Settler) -> None:
@@ -222,9 +223,15 @@ class RpcReplies:
             # caller costs one round trip per CALLER_CHECK_TTL_S, not one per request.
             return True
         async with self._probe_lock:
+            if self._alive_until.get(reply_to, 0.0) > loop.time():
+                return True  # vouched for while we waited: a new caller's burst costs one probe, not one each
             try:
-                channel = await self._probe_on()
-                await channel.rpc(_PassiveDeclare(queue=reply_to, passive=True), timeout=5)  # type: ignore[attr-defined]
+                # Bounded as a whole: connecting may itself hang (a node that is still booting accepts the TCP
+                # connection and answers late), and every caller check waits on this lock.
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    channel = await self._probe_on()
+                    declare = _PassiveDeclare(queue=reply_to, passive=True)
+                    await channel.rpc(declare, timeout=PROBE_TIMEOUT_S)  # type: ignore[attr-defined]
             except aiormq.exceptions.ChannelNotFoundEntity:
                 return False
             except aiormq.exceptions.ConnectionInternalError:
@@ -235,9 +242,10 @@ class RpcReplies:
                 self._probe = None
                 return False
             except Exception as exc:  # cannot tell: assume the caller waits rather than drop its request
-                log.debug("caller check for %s inconclusive: %r", safe(reply_to, 60), exc)
-                self._probe = None
-                return True
+                log.info("caller check for %s inconclusive (%r); answering it", safe(reply_to, 60), exc)
+                self._drop_probe()
+        # An inconclusive check vouches too: its caller is served, and the next check is one TTL away instead of
+        # every request of that caller waiting out a probe in turn.
         if len(self._alive_until) > 10_000:
             now = loop.time()
             self._alive_until = {k: t for k, t in self._alive_until.items() if t > now}
@@ -254,6 +262,13 @@ class RpcReplies:
         if self._probe_channel is None or self._probe_channel.is_closed:
             self._probe_channel = await self._probe.channel()
         return self._probe_channel
+
+    def _drop_probe(self) -> None:
+        """Forget the probe connection (the next check opens another); close it in the background."""
+        probe, self._probe = self._probe, None
+        if probe is not None and not probe.is_closed:
+            task = asyncio.get_running_loop().create_task(probe.close())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def aclose(self) -> None:
         if self._probe is not None and not self._probe.is_closed:
