@@ -282,7 +282,11 @@ class Batcher(Generic[K, T, R]):
                 job.remaining -= 1
                 if job.remaining == 0:
                     job.future.set_result(job.results)  # type: ignore[arg-type]
+                    job.buckets.clear()
         finally:
+            # Job and bucket point at each other; breaking the cycle here lets reference counting free them at
+            # once instead of leaving them to the cyclic GC (measured: most of the worker's GC time went there).
+            bucket.entries = []
             self._running.discard(asyncio.current_task())
             if self._on_batch is not None:
                 self._on_batch(

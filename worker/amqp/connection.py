@@ -61,6 +61,20 @@ class AmqpConfig:
         )
 
 
+# aiormq queues every outgoing frame of a connection in one asyncio.Queue of FRAME_BUFFER_SIZE (default 10) slots
+# (aiormq 7.2 ``Connection.__init__``: ``asyncio.Queue(maxsize=self.FRAME_BUFFER_SIZE)``), and a publish waits for a
+# free slot. A batch publishes up to 100 replies at once, so with 10 slots each reply's task parks and wakes again:
+# measured, raising it to 1,000 took the worker from 0.52x to 0.9x of the batch-echo reference and its CPU per
+# request from 373 to 226 µs. Memory stays bounded: at most a prefetch window of replies is ever queued.
+WRITE_QUEUE_FRAMES = 1000
+PLAIN_CONNECT_TIMEOUT_S = 5.0
+
+
+def widen_write_queue() -> None:
+    """Process-wide, because aio-pika builds its aiormq connections without a way to pass the size."""
+    aiormq.Connection.FRAME_BUFFER_SIZE = max(aiormq.Connection.FRAME_BUFFER_SIZE, WRITE_QUEUE_FRAMES)
+
+
 def split_urls(value: str) -> list[str]:
     """AMQP_URL may list several brokers, the nodes of one cluster, separated by commas."""
     return [part.strip() for part in value.split(",") if part.strip()]
@@ -111,11 +125,16 @@ async def connect_any(urls: str, *, first: int = 0, **kwargs: Any) -> AbstractRo
 async def connect_plain(config: AmqpConfig, name: str) -> aiormq.abc.AbstractConnection:
     """A plain aiormq connection (no reconnects: its owner opens another when it dies), first address that answers."""
     codec.install()
+    widen_write_queue()
     error: Exception | None = None
     for url in split_urls(config.url):
         try:
-            return await aiormq.connect(url, context=ssl_context(config), client_properties={"connection_name": name})
-        except (aiormq.exceptions.AMQPError, OSError) as exc:
+            # Bounded per address: a node that is still booting may accept the connection and answer late.
+            return await asyncio.wait_for(
+                aiormq.connect(url, context=ssl_context(config), client_properties={"connection_name": name}),
+                PLAIN_CONNECT_TIMEOUT_S,
+            )
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
             error = exc
     raise error or RuntimeError("no broker address")
 
@@ -135,6 +154,7 @@ async def connect(config: AmqpConfig) -> AbstractRobustConnection:
     is not (a wrong password or a missing vhost will not heal by waiting). Then the robust connection reconnects
     on its own."""
     codec.install()  # before the first frame: a peer's invalid UTF-8 must not close this connection
+    widen_write_queue()
     where = redact_url(config.url)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.connect_timeout
