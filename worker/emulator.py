@@ -135,6 +135,9 @@ class EmulatorState:
         self.faults = []
         self.latency_ms = 0.0
         self.fail_rate = 0.0
+        self.fail_status = 503
+        self.api_key = None
+        self.rng = random.Random(0)
 
     def configure(self, body: dict[str, Any]) -> None:
         if "latency_ms" in body:
