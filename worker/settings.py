@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
 
     # --- process ---
-    # uvloop runs the event loop in C (libuv): measured here it is the single largest saving of CPU per message
-    # (README, Performance). "asyncio" opts out; on a platform without uvloop the worker says so and uses asyncio.
+    # uvloop runs the event loop in C (libuv): measured here it saves ~12% of the CPU per request (161 against 182
+    # µs in a drain; README, Performance). "asyncio" opts out; on a platform without uvloop the worker says so and
+    # uses asyncio.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     log_level: str = "INFO"
