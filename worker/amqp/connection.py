@@ -183,6 +183,8 @@ async def connect(config: AmqpConfig) -> AbstractRobustConnection:
         except ssl.SSLError as exc:
             raise ConfigurationError(f"TLS to {where} failed: {exc}") from exc
         except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as exc:
+            if (tls := _tls_error(exc)) is not None:  # aiormq wraps it: a bad certificate does not heal by waiting
+                raise ConfigurationError(f"TLS to {where} failed: {tls}") from exc
             left = deadline - loop.time()
             reason = str(exc) or type(exc).__name__
             if left <= 0:
@@ -193,6 +195,22 @@ async def connect(config: AmqpConfig) -> AbstractRobustConnection:
             delay = min(left, backoff.delay(attempt))
             log.warning("broker at %s not reachable (%s); attempt %d, retrying in %.1fs", where, reason, attempt, delay)
             await asyncio.sleep(delay)
+
+
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The SSLError behind a connection error, if any: aiormq raises AMQPConnectionError with it among the args
+    or as the cause."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLError):
+            return item
+        todo += [item.__cause__, item.__context__, *item.args]
+    return None
 
 
 async def declare_topology(
