@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
-from worker.amqp.connection import AmqpConfig, connect, connect_plain, declare_topology
+from worker.amqp.connection import AmqpConfig, PlainConnector, connect, declare_topology
 from worker.amqp.deferred import AmqpDeferredQueue
 from worker.amqp.publish import Publisher
 from worker.amqp.rpc import RpcConsumer, RpcReplies
@@ -106,7 +105,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop
     )  # on a robust channel: declared again after a reconnect
     publisher = await Publisher.open(publish_connection)
     settler = Settler(publisher, metrics)
-    probe = functools.partial(connect_plain, config, "embed-worker-probe") if settings.check_callers else None
+    probe = PlainConnector(config, "embed-worker-probe") if settings.check_callers else None
     replies = RpcReplies(publisher, probe)
     stack.push_async_callback(replies.aclose)
 

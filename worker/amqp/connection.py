@@ -122,21 +122,39 @@ async def connect_any(urls: str, *, first: int = 0, **kwargs: Any) -> AbstractRo
     return connection
 
 
-async def connect_plain(config: AmqpConfig, name: str) -> aiormq.abc.AbstractConnection:
-    """A plain aiormq connection (no reconnects: its owner opens another when it dies), first address that answers."""
-    codec.install()
-    widen_write_queue()
-    error: Exception | None = None
-    for url in split_urls(config.url):
-        try:
-            # Bounded per address: a node that is still booting may accept the connection and answer late.
-            return await asyncio.wait_for(
-                aiormq.connect(url, context=ssl_context(config), client_properties={"connection_name": name}),
-                PLAIN_CONNECT_TIMEOUT_S,
-            )
-        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
-            error = exc
-    raise error or RuntimeError("no broker address")
+class PlainConnector:
+    """Plain aiormq connections (no reconnects: their owner asks for another when one dies), to the first address
+    that answers, starting from the one that answered last time: after a failover the next connection goes to a
+    node known to be up, not back to the head of the list, which may be the node that died and is still booting."""
+
+    def __init__(self, config: AmqpConfig, name: str):
+        self._config = config
+        self._name = name
+        self._start = 0
+
+    async def __call__(self) -> aiormq.abc.AbstractConnection:
+        codec.install()
+        widen_write_queue()
+        urls = split_urls(self._config.url)
+        error: Exception | None = None
+        for step in range(len(urls)):
+            index = (self._start + step) % len(urls)
+            try:
+                # Bounded per address: a node that is still booting may accept the connection and answer late.
+                connection = await asyncio.wait_for(
+                    aiormq.connect(
+                        urls[index],
+                        context=ssl_context(self._config),
+                        client_properties={"connection_name": self._name},
+                    ),
+                    PLAIN_CONNECT_TIMEOUT_S,
+                )
+            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                error = exc
+                continue
+            self._start = index
+            return connection
+        raise error or RuntimeError("no broker address")
 
 
 def ssl_context(config: AmqpConfig) -> ssl.SSLContext | None:

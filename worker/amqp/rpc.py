@@ -225,6 +225,8 @@ class RpcReplies:
         async with self._probe_lock:
             if self._alive_until.get(reply_to, 0.0) > loop.time():
                 return True  # vouched for while we waited: a new caller's burst costs one probe, not one each
+            if self._node_gone(reply_to):
+                return False
             try:
                 # Bounded as a whole: connecting may itself hang (a node that is still booting accepts the TCP
                 # connection and answers late), and every caller check waits on this lock.
