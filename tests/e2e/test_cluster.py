@@ -34,7 +34,8 @@ from worker.client import EmbedClient, EmbedClientError
 from worker.emulator import EmulatorThread
 from worker.vectors import expected_vector
 
-pytestmark = pytest.mark.integration
+# Booting three nodes takes ~20 s here, and over two minutes on a loaded machine: more than the suite default.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "cluster"
 PORTS = {"embed1": 5681, "embed2": 5682, "embed3": 5683}
