@@ -46,7 +46,8 @@ async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -
             assert r["seconds"] > 0 and r["texts_per_s"] > 0
             assert r["replies_checked"] >= 1  # sampled replies were checked vector by vector
             if r["target"] == "worker":
-                assert r["upstream_calls"] >= r["requests"] / config.batch_size
+                assert r["upstream_texts"] <= r["requests"]  # fewer with dedup or the cache, never more
+                assert r["upstream_calls"] >= r["upstream_texts"] / config.batch_size
             if r["target"] == "naive":
                 assert r["upstream_calls"] == r["requests"]  # one call per message, by construction
         assert result["ratios"]
@@ -58,6 +59,15 @@ async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -
             assert "batch-echo" in {r["target"] for r in result["runs"]}
             assert any("batch-echo" in key for key in result["ratios"])
     assert {r["processes"] for r in results["scale"]["runs"]} == {1, 2, 4}
+    frugal = results["frugality"]
+    assert frugal["saved_share"]["cache on"]["median"] > 0  # repeated texts answered from the cache
+    windows = frugal["windows"]
+    fleet = windows["runs"]["fleet"]
+    assert fleet["upstream_calls"] == windows["requests"]  # one text per call: every request made its call
+    assert fleet["max_calls_in_a_window"] <= windows["limit"]  # two processes, one budget
+    images = results["images"]
+    assert 0 < images["max_call_bytes"] <= images["budget_bytes"]  # every call within the request budget
+    assert images["image_bytes"]["min"] >= 200_000
     assert {r["dimensions"] for r in results["drain"]["runs"]} == {128}  # the smallest size a real caller asks
     assert {r["target"] for r in results["drain"]["runs"]} == {"echo", "batch-echo", "worker"}
 

@@ -73,6 +73,16 @@ class Driver:
             routing_key=ROUTING_KEY,
         )
 
+    async def send_body(self, body: bytes, seed: str) -> None:
+        """Publish a ready-made request body; ``seed`` is what its one input's vector derives from (the text
+        itself for a text; ``vectors.seed_of`` of its parts otherwise), so sampled replies are checked too."""
+        cid = uuid.uuid4().hex
+        self.sent[cid] = Sent(seed, time.perf_counter(), len(self.sent) % self.sample_every == 0)
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(body, content_type=JSON_CONTENT_TYPE, correlation_id=cid, reply_to=self.queue.name),
+            routing_key=ROUTING_KEY,
+        )
+
     async def open_loop(self, rate: float, count: int, *, model: str, dims: int | None, prefix: str) -> None:
         """Send ``count`` requests at ``rate`` per second on a fixed schedule (not paced by replies)."""
         start = time.perf_counter()

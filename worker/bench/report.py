@@ -68,6 +68,25 @@ def table(name: str, result: dict[str, Any]) -> str:
             f"  {key}: {value['median']:.2f}x (min {value['min']:.2f}, max {value['max']:.2f}, "
             f"{len(next(iter(result['all_runs'].values())))} rounds)"
         )
+    for label, share in result.get("saved_share", {}).items():
+        lines.append(
+            f"  {label}: {share['median']:.0%} of {result['requests']} requests cost no upstream input "
+            f"(min {share['min']:.0%}, max {share['max']:.0%}; {result['distinct_texts']} distinct texts)"
+        )
+    if "windows" in result:
+        w = result["windows"]
+        for scope, run in w["runs"].items():
+            lines.append(
+                f"  2 workers, UPSTREAM_LIMIT_SCOPE={scope}: at most {run['max_calls_in_a_window']} calls in any "
+                f"{w['window_s']:g} s window (limit {w['limit']}), "
+                f"{run['upstream_calls']} calls in {run['seconds']:.1f} s"
+            )
+    if "budget_bytes" in result:
+        lines.append(
+            f"  bytes per call: mean {result['mean_call_bytes']['median']:,.0f}, max {result['max_call_bytes']:,} "
+            f"(budget {result['budget_bytes']:,}); images {result['image_bytes']['min']:,}-"
+            f"{result['image_bytes']['max']:,} bytes"
+        )
     if "ideal_texts_per_s" in result:
         lines.append(f"  ideal (concurrency x batch / 0.3 s): {result['ideal_texts_per_s']:.0f} texts/s")
     return "\n".join(lines)
@@ -79,6 +98,11 @@ def _plot(name: str, result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "windows" in result:
+        from worker.bench.quota import plot_windows
+
+        plot_windows(result, path)
+        return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if "rows" in result:
         rows = result["rows"]

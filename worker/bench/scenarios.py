@@ -135,9 +135,17 @@ class Bench:
         latency_ms: float = 0,
         label: str | None = None,
         reply_encoding: str = "json",
+        texts: Callable[[int], str] | None = None,
+        bodies: Callable[[int], tuple[bytes, str]] | None = None,
+        before: Callable[[], None] | None = None,
+        keep_calls: bool = False,
         **settings: Any,
     ) -> dict[str, Any]:
-        """Pre-load ``n`` one-text requests, start the target, time until every reply is in."""
+        """Pre-load ``n`` one-input requests, start the target, time until every reply is in. The i-th request
+        is the text ``texts(i)``, or the ready-made body of ``bodies(i)`` (with its vector's seed); ``before`` runs
+        first (e.g. to empty a cache); ``keep_calls`` adds the emulator's per-call times and sizes."""
+        if before is not None:
+            before()
         self.emulator_call("/_emulator/reset")
         self.emulator_call("/_emulator/config", {"latency_ms": latency_ms})
         async with self.vhost() as url:
@@ -145,7 +153,11 @@ class Bench:
             async with Driver(url, reply_encoding=reply_encoding) as driver:
                 bar = self._progress(n, f"{label or target}: publish")
                 for i in range(n):
-                    await driver.send(f"{target} drain {i}", model=model, dims=dims)
+                    if bodies is not None:
+                        await driver.send_body(*bodies(i))
+                    else:
+                        text = texts(i) if texts is not None else f"{target} drain {i}"
+                        await driver.send(text, model=model, dims=dims)
                     if bar is not None and i % 500 == 0:
                         bar.update(min(500, n - i))
                 if bar is not None:
@@ -171,6 +183,7 @@ class Bench:
                 checked = driver.check_sample(model=model, dims=dims, echo=target in ECHOES)
         stats = self.emulator_call("/_emulator/stats")
         seconds = finished - started
+        calls = {"call_times": stats["call_times"], "call_bytes": stats["call_bytes"]} if keep_calls else {}
         return {
             "label": label or target,
             "target": target,
@@ -182,11 +195,13 @@ class Bench:
             "requests_per_s": round(n / seconds, 1),
             "texts_per_s": round(n / seconds, 1),
             "upstream_calls": stats["calls"],
+            "upstream_texts": stats["texts"],
             "mean_batch": round(stats["texts"] / stats["calls"], 2) if stats["calls"] else None,
             "peak_rss_mb": round(max(rss), 1),
             # CPU the target's processes spent per request: less sensitive to a noisy neighbour than rates.
             "cpu_us_per_request": round(cpu / n * 1e6, 1),
             "replies_checked": checked,
+            **calls,
         }
 
     # ------------------------------------------------------------------ open-loop latency
@@ -446,6 +461,18 @@ async def scenario_latency(bench: Bench) -> dict[str, Any]:
     }
 
 
+async def scenario_frugality(bench: Bench) -> dict[str, Any]:
+    from worker.bench.quota import scenario_frugality as run  # worker/bench/quota.py builds on this module
+
+    return await run(bench)
+
+
+async def scenario_images(bench: Bench) -> dict[str, Any]:
+    from worker.bench.quota import scenario_images as run
+
+    return await run(bench)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "drain": scenario_drain,
     "latency": scenario_latency,
@@ -454,4 +481,6 @@ SCENARIOS: dict[str, Scenario] = {
     "scale": scenario_scale,
     "baseline": scenario_baseline,
     "memory": scenario_memory,
+    "frugality": scenario_frugality,
+    "images": scenario_images,
 }
