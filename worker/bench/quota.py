@@ -171,7 +171,7 @@ def plot_windows(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     windows = result["windows"]
-    window = windows["window_s"]
+    window = windows["window_s"] - windows["jitter_s"]  # as the maximum is counted (see JITTER_S)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for scope, run in windows["runs"].items():
         times = run["call_times"]
@@ -180,7 +180,7 @@ def plot_windows(result: dict[str, Any], path: Path) -> None:
         ax.plot(grid, counts, label=f"2 workers, scope {scope} (max {run['max_calls_in_a_window']})")
     ax.axhline(windows["limit"], color="red", linestyle="--", label=f"UPSTREAM_RPM = {windows['limit']} per window")
     ax.set_xlabel("seconds since the first call")
-    ax.set_ylabel(f"upstream calls in the last {window:g} s")
+    ax.set_ylabel(f"upstream calls in the last {window:g} s (window {windows['window_s']:g} s)")
     saved = result["saved_share"]
     ax.set_title(  # the share of requests answered without an input of their own in any call
         "frugality: "
