@@ -49,6 +49,7 @@ class Delivery(Protocol):
 
     body: bytes
     content_type: str | None
+    content_encoding: str | None  # e.g. "gzip": the body is compressed (messages.decode_request undoes it)
     headers: Mapping[str, Any]
     reply_to: str | None
     correlation_id: str | None

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # which is what broker permissions are for (README, Hardening). REPLY_TO_DIRECT_ONLY narrows it to Direct Reply-to.
 DIRECT_REPLY_TO_ONLY = r"amq\.rabbitmq\.reply-to(\..+)?"
 DEFAULT_REPLY_TO = DIRECT_REPLY_TO_ONLY + r"|amq\.gen-[A-Za-z0-9_\-]+"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class Settings(BaseSettings):
@@ -79,6 +80,13 @@ class Settings(BaseSettings):
 
     # --- request limits ---
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # The bodies one worker holds at once, both lanes together (README, "Memory"): the RPC lane takes no more
+    # deliveries while it is spent, the deferred lane takes no more messages for its round. One message larger
+    # than all of it is still served, alone. The default keeps a worker with defaults inside a 512 MiB pod.
+    max_held_bytes: int = Field(default=128 * 1024 * 1024, ge=65_536)
+    # The largest reply the worker publishes: RabbitMQ 4.x refuses messages over 16 MiB by default
+    # (max_message_size; 3.x: 128 MiB). A request whose reply would be larger is refused before any upstream call.
+    reply_max_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
     max_texts_per_request: int = Field(default=1000, ge=1)
     # Estimated tokens one input may hold; unset = each model's own limit (2,048 for gemini-embedding-001,
     # 8,192 for gemini-embedding-2). A lower value refuses (or, with "truncate", cuts) longer texts.
@@ -126,6 +134,17 @@ class Settings(BaseSettings):
         if level not in logging.getLevelNamesMapping():
             raise ValueError(f"unknown log level {value!r}")
         return level
+
+    @field_validator("gemini_model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        """A model name goes into the API's URL path: only the characters model names use."""
+        return _checked_model(value)
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        return [_checked_model(name) for name in value]
 
     @field_validator("reply_to_pattern")
     @classmethod
@@ -244,3 +263,9 @@ class Settings(BaseSettings):
     @property
     def amqp_url_redacted(self) -> str:
         return redact_url(self.amqp_url.get_secret_value())
+
+
+def _checked_model(name: str) -> str:
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"not a model name: {name[:60]!r} (letters, digits, '.', '-', '_'; e.g. gemini-embedding-001)")
+    return name

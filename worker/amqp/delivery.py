@@ -37,6 +37,7 @@ class AmqpDelivery:
     __slots__ = (
         "body",
         "channel",
+        "content_encoding",
         "content_type",
         "correlation_id",
         "headers",
@@ -54,6 +55,7 @@ class AmqpDelivery:
         self.tag: int = message.delivery.delivery_tag  # type: ignore[union-attr,assignment]
         self.channel: AbstractChannel = message.channel
         self.content_type = props.content_type
+        self.content_encoding = props.content_encoding
         self.headers: Mapping[str, Any] = props.headers or _EMPTY
         self.reply_to = props.reply_to
         self.correlation_id = props.correlation_id
