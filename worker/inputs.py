@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import re
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,14 +62,13 @@ def tokens(item: EmbedInput) -> int:
 
 
 # ---------------------------------------------------------------------- parsing, per the model's facts
-def parse_parts(raw: Any, where: str, model_name: str) -> EmbedInput:
-    """``{"parts": [...]}``'s list, validated for ``model_name``. A single text part is just that text."""
+def parse_parts(raw: Any, where: str, model_name: str) -> Content:
+    """``{"parts": [...]}``'s list, validated for ``model_name``. It stays a ``Content`` even when it is a single text
+    part, so that it is sent as it is: ``with_task`` adds no instruction to it."""
     model = limits.model(model_name)
     if not isinstance(raw, list) or not raw:
         raise InvalidRequest(f"{where}.parts must be a non-empty list of parts")
     parts = tuple(_part(p, f"{where}.parts.{j}", model_name, model) for j, p in enumerate(raw))
-    if len(parts) == 1 and parts[0].text is not None:
-        return parts[0].text
     counts = {"image": 0, "audio": 0, "video": 0, "pdf": 0}
     total_tokens, size = 0, ENTRY_OVERHEAD
     for part in parts:
@@ -120,7 +120,7 @@ def _part(raw: Any, where: str, model_name: str, model: limits.Model) -> Part:
     if set(value) != {"mime_type", "data"} or not isinstance(data, str):
         raise InvalidRequest(f'{where}.inline_data must be {{"mime_type": ..., "data": "<base64>"}}')
     try:
-        raw_bytes = base64.b64decode(data, validate=True)
+        raw_bytes = base64.b64decode(data.translate(_NO_ASCII_SPACE), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{where}.inline_data.data is not valid base64") from None
     if not raw_bytes:
@@ -128,6 +128,12 @@ def _part(raw: Any, where: str, model_name: str, model: limits.Model) -> Part:
     if mime in limits.PDF_TYPES and model.max_pdf_pages and (pages := pdf_pages(raw_bytes)) > model.max_pdf_pages:
         raise InvalidRequest(f"{where}: a PDF of {pages} pages; {model_name} takes {model.max_pdf_pages}")
     return Part(mime_type=mime, data=raw_bytes)
+
+
+# ASCII whitespace, dropped from inline data before it is decoded: base64 as the ``base64`` tool and
+# ``base64.encodebytes`` write it has a line break every 76 characters. Upstream always gets plain base64
+# (``rest_parts`` encodes the decoded bytes anew).
+_NO_ASCII_SPACE = str.maketrans("", "", " \t\n\r\v\f")
 
 
 def _kind(mime: str) -> str:
@@ -187,11 +193,47 @@ def image_size(data: bytes) -> tuple[int, int] | None:
 
 
 _PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
+# A stream object's dictionary: what lies between "obj" and the "stream" keyword, never across another "obj" (so
+# never past the object's "endobj"): linear time, whatever the bytes.
+_STREAM_DICT = re.compile(rb"obj((?:(?!obj|stream).){0,4096})stream\r?\n", re.DOTALL)
+_OBJECT_STREAM = re.compile(rb"/Type\s*/ObjStm\b")
+_FLATE_ONLY = re.compile(rb"/Filter\s*(?:/FlateDecode|\[\s*/FlateDecode\s*\])")
+# Decompressed bytes of a PDF's object streams read to count pages, all together (zlib holds about twice that while
+# it decompresses): object streams are a few KiB each; past this, later streams are not counted (the API still
+# counts every page).
+PDF_OBJECT_STREAMS_MAX_BYTES = 4 * 1024 * 1024
 
 
 def pdf_pages(data: bytes) -> int:
-    """Page objects in a PDF (``/Type /Page``, not ``/Pages``): a count good enough for a page limit."""
-    return len(_PAGE.findall(data))
+    """Page objects in a PDF (``/Type /Page``, not ``/Pages``), in the file and in its Flate-compressed object
+    streams (PDF 1.5 and later: where many tools write their page objects): a count good
+    enough for a page limit. Not counted: object streams with another filter or with predictors (``DecodeParms``),
+    and those past ``PDF_OBJECT_STREAMS_MAX_BYTES`` decompressed."""
+    pages = len(_PAGE.findall(data))
+    budget = PDF_OBJECT_STREAMS_MAX_BYTES
+    for match in _STREAM_DICT.finditer(data):
+        if budget > 0 and _is_plain_object_stream(match.group(1)):
+            objects = _inflated(data, match.end(), budget)
+            budget -= len(objects)
+            pages += len(_PAGE.findall(objects))
+    return pages
+
+
+def _is_plain_object_stream(stream_dict: bytes) -> bool:
+    return bool(
+        _OBJECT_STREAM.search(stream_dict) and _FLATE_ONLY.search(stream_dict) and b"/DecodeParms" not in stream_dict
+    )
+
+
+def _inflated(data: bytes, start: int, budget: int) -> bytes:
+    """The Flate stream starting at ``start`` (up to the next "endstream"), decompressed to at most ``budget`` bytes;
+    of a truncated stream what it holds, of bytes that are not Flate data nothing."""
+    end = data.find(b"endstream", start)
+    compressed = memoryview(data)[start : end if end >= 0 else len(data)]
+    try:
+        return zlib.decompressobj().decompress(compressed, budget)
+    except zlib.error:
+        return b""
 
 
 # ---------------------------------------------------------------------- the REST form, and identity

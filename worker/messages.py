@@ -1,9 +1,10 @@
 """The wire format, both directions and both sides: the one module that knows the bytes. No AMQP here.
 
-Worker side: ``decode_request`` / ``decode_deferred`` turn JSON bytes plus a few message properties into a validated
-request (its inputs: texts, or contents of parts, see ``worker.inputs``) or raise ``InvalidRequest`` with a message
-fit to send back; ``encode_vectors`` / ``encode_error`` build
-replies (orjson straight from the float32 array, so vectors are turned into text exactly once).
+Worker side: ``decode_request`` / ``decode_deferred`` turn JSON bytes (gzip-compressed or not) plus a few message
+properties into a validated request (its inputs: texts, or contents of parts, see ``worker.inputs``) or raise
+``InvalidRequest`` with a message fit to send back; ``encode_vectors`` / ``encode_error`` build replies (orjson
+straight from the float32 array, so vectors are turned into text exactly once), and ``reply_bytes`` bounds a success
+reply's size before any vector exists.
 Caller side (``client.py``, the bench, the tests): ``encode_request`` / ``encode_deferred_items`` build requests,
 ``decode_reply`` / ``decode_flush_reply`` read replies and raise ``ErrorReply`` or ``MalformedReply``.
 """
@@ -11,7 +12,8 @@ Caller side (``client.py``, the bench, the tests): ``encode_request`` / ``encode
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,9 @@ _REQUEST_FIELDS = frozenset(
 )
 _DEFERRED_FIELDS = frozenset({"items", "model", "task_type", "output_dimensionality", "truncate"})
 _ENCODINGS = ("json", "float32")
+# Body encodings (the AMQP content_encoding property), compared in lower case; None or "" is "identity".
+_GZIP_ENCODINGS = frozenset({"gzip", "x-gzip"})
+_IDENTITY = "identity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +102,11 @@ def decode_request(
     content_type: str | None,
     headers: Mapping[str, Any] | None,
     limits_: RequestLimits,
+    content_encoding: str | None = None,
 ) -> EmbedRequest:
-    """Validate one request. Raises ``InvalidRequest`` with a caller-readable message."""
-    raw = _json_object(body, content_type, limits_)
+    """Validate one request; ``content_encoding`` is the message's property (gzip, or none). Raises
+    ``InvalidRequest`` with a caller-readable message."""
+    raw = _json_object(body, content_type, content_encoding, limits_)
     _known(raw, _REQUEST_FIELDS)
     config = _config(raw, limits_)
     truncate = _flag(raw, "truncate")
@@ -120,11 +127,14 @@ def decode_request(
     return EmbedRequest(inputs, config, deadline=_deadline(headers), reply_encoding=encoding)
 
 
-def _json_object(body: bytes, content_type: str | None, limits_: RequestLimits) -> dict[str, Any]:
+def _json_object(
+    body: bytes, content_type: str | None, content_encoding: str | None, limits_: RequestLimits
+) -> dict[str, Any]:
     if len(body) > limits_.max_body_bytes:
         raise InvalidRequest(f"body is {len(body)} bytes; the limit is {limits_.max_body_bytes}")
     if content_type and content_type.split(";")[0].strip().lower() != JSON_CONTENT_TYPE:
         raise InvalidRequest(f"content_type must be {JSON_CONTENT_TYPE}, got {content_type[:100]!r}")
+    body = _decoded(body, content_encoding, limits_.max_body_bytes)
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -132,6 +142,50 @@ def _json_object(body: bytes, content_type: str | None, limits_: RequestLimits) 
     if not isinstance(raw, dict):
         raise InvalidRequest(f"body must be a JSON object, got {type(raw).__name__}")
     return raw
+
+
+def _decoded(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The body as the JSON it encodes: as it is (identity), or gunzipped within ``limit`` bytes."""
+    encoding = (content_encoding or _IDENTITY).strip().lower() or _IDENTITY
+    if encoding == _IDENTITY:
+        return body
+    if encoding in _GZIP_ENCODINGS:
+        return _gunzip(body, limit)
+    raise InvalidRequest(f"content_encoding {(content_encoding or '')[:40]!r} is not supported (gzip or none)")
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """The gzip member ``body`` holds, decompressed. A bomb costs about ``limit`` bytes, not what it would inflate to:
+    the output is taken in small pieces and refused as soon as it passes the limit."""
+    pieces, size = [], 0
+    try:
+        for piece in _inflated_pieces(body):
+            size += len(piece)
+            if size > limit:
+                raise InvalidRequest(f"body decompresses to more than {limit} bytes; the limit is {limit}")
+            pieces.append(piece)
+    except zlib.error as exc:
+        raise InvalidRequest(f"body is not valid gzip: {exc}") from None
+    return b"".join(pieces)
+
+
+_INFLATE_STEP = 64 * 1024  # bytes of input given, and of output taken, per decompress call
+
+
+def _inflated_pieces(body: bytes) -> Iterator[bytes]:
+    """The decompressed bytes of the one gzip member ``body`` must be, piece by piece."""
+    member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing only
+    view, used = memoryview(body), 0
+    while used < len(body) and not member.eof:
+        data: bytes | memoryview = view[used : used + _INFLATE_STEP]
+        used += len(data)
+        while data and not member.eof:
+            yield member.decompress(data, _INFLATE_STEP)
+            data = member.unconsumed_tail
+    if not member.eof:
+        raise InvalidRequest("body is not valid gzip: it ends before its compressed data does")
+    if member.unused_data or used < len(body):
+        raise InvalidRequest("body is not valid gzip: bytes follow its end (one gzip member is taken)")
 
 
 def _known(raw: dict[str, Any], fields: frozenset[str]) -> None:
@@ -203,10 +257,8 @@ def _inputs(raw: Any, truncate: bool, config: EmbedConfig, limits_: RequestLimit
             [text] = _checked_texts([_string(item["text"], f"{where}.text")], truncate, config, limits_, "inputs")
             out.append(text)
             continue
-        parsed = inputs_.parse_parts(item["parts"], where, config.model)
-        if isinstance(parsed, str):
-            [parsed] = _checked_texts([parsed], truncate, config, limits_, "inputs")
-        elif parsed.tokens > max_tokens:
+        parsed = inputs_.parse_parts(item["parts"], where, config.model)  # sent as it is: never cut
+        if parsed.tokens > max_tokens:
             raise InvalidRequest(f"{where} is about {parsed.tokens} tokens; the limit is {max_tokens}")
         out.append(parsed)
     return out
@@ -245,9 +297,12 @@ class DeferredRequest:
 MAX_KEY_LENGTH = 1024
 
 
-def decode_deferred(body: bytes, *, content_type: str | None, limits_: RequestLimits) -> DeferredRequest:
-    """Validate one fire-and-forget request (text items). Raises ``InvalidRequest``."""
-    raw = _json_object(body, content_type, limits_)
+def decode_deferred(
+    body: bytes, *, content_type: str | None, limits_: RequestLimits, content_encoding: str | None = None
+) -> DeferredRequest:
+    """Validate one fire-and-forget request (text items), gzip-compressed or not as for ``decode_request``. Raises
+    ``InvalidRequest``."""
+    raw = _json_object(body, content_type, content_encoding, limits_)
     _known(raw, _DEFERRED_FIELDS)
     config = _config(raw, limits_)
     truncate = _flag(raw, "truncate")
@@ -306,10 +361,40 @@ def encode_vectors(vectors: FloatArray, model: str, encoding: str = "json") -> R
     )
 
 
+# What orjson writes for one float32 in [-1, 1] (a unit vector's component) takes at most 16 characters, e.g.
+# "-0.0000076293945": measured over every float32 in [-1, 1]. Typical components of a unit vector take 11 or 12.
+_MAX_NUMBER_CHARS = 16
+# Bytes of a success reply besides its vectors: '{"embeddings":[],"model":"","dimensions":3072}' is 46, and the
+# float32 reply's headers about as many, plus a model name of at most 100 characters that JSON writes as they are
+# (settings.MODEL_NAME).
+_ENVELOPE_BYTES = 160
+
+
+def reply_bytes(count: int, dimensions: int, encoding: str) -> int:
+    """An upper bound of the size of the success reply ``encode_vectors`` builds for ``count`` vectors of
+    ``dimensions`` components in [-1, 1], known before any vector is. float32: the body's exact size and an allowance
+    for the headers; JSON: safe for any such vectors, and about a third above what typical unit vectors take."""
+    if encoding == "float32":
+        return count * dimensions * 4 + _ENVELOPE_BYTES
+    if encoding == "json":
+        # each number and the comma or bracket after it, and each vector's "[" and the comma after it
+        return count * (dimensions * (_MAX_NUMBER_CHARS + 1) + 2) + _ENVELOPE_BYTES
+    raise ValueError(f"reply encoding must be one of {_ENCODINGS}, got {encoding!r}")
+
+
+ERROR_REPLY_MAX_BYTES = 4096  # every error reply is smaller
+# Characters of an error message its reply keeps: JSON writes one in at most 6 bytes ("\u001f"), so 600 of them
+# and the envelope stay under ERROR_REPLY_MAX_BYTES.
+_MAX_ERROR_CHARS = 600
+
+
 def encode_error(error: EmbedError) -> Reply:
-    return Reply(
-        orjson.dumps({"error": {"code": str(error.code), "message": error.message, "retryable": error.replayable}})
-    )
+    """The error reply; the message cut to ``_MAX_ERROR_CHARS`` characters, lone surrogates written out as escapes
+    (orjson refuses them, and an error must always have its reply)."""
+    message = error.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(message) > _MAX_ERROR_CHARS:
+        message = message[: _MAX_ERROR_CHARS - 3] + "..."
+    return Reply(orjson.dumps({"error": {"code": str(error.code), "message": message, "retryable": error.replayable}}))
 
 
 def encode_flush_reply(written: int) -> Reply:

@@ -9,7 +9,7 @@ client cannot make the worker hold memory: no request body is read, a request an
 ``MAX_BODY`` is answered 413 and the connection closed, headers are capped, a new connection that has
 not sent a whole request head within ``HEAD_TIMEOUT_S`` (silent, or trickling bytes) is closed, as is a
 kept-alive one idle for ``IDLE_TIMEOUT_S``, and at most ``MAX_CONNECTIONS`` connections are open at
-once; more are answered 503 and closed.
+once; more are answered 503 (``Retry-After: 1``) and closed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -208,10 +208,14 @@ class _CappedServer(web.Server):
         super().connection_lost(handler, exc)
 
 
+_REFUSAL = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
 class _Refuse(asyncio.Protocol):
-    """Answers 503 without reading the request, and closes."""
+    """Answers 503 without reading the request, and closes (after the answer is written)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        transport.close()
+        # A cast, not an isinstance check: uvloop's TCP transports write and close but are no asyncio.WriteTransport.
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(_REFUSAL)
+        writer.close()

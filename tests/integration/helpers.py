@@ -72,6 +72,7 @@ class RawCaller:
         correlation_id: str | None = None,
         headers: dict[str, Any] | None = None,
         content_type: str | None = "application/json",
+        content_encoding: str | None = None,
         routing_key: str = "embed.requests",
         expiration: float | None = None,
     ) -> str:
@@ -82,6 +83,7 @@ class RawCaller:
             aio_pika.Message(
                 raw,
                 content_type=content_type,
+                content_encoding=content_encoding,
                 correlation_id=cid,
                 reply_to=self.queue.name if reply_to == "" else reply_to,
                 headers=headers,

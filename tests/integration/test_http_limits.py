@@ -214,7 +214,7 @@ async def test_connections_beyond_the_cap_are_refused(server: MetricsServer) -> 
         reader, writer = await connect(server.port)
         try:
             status, headers, _ = await response(reader)
-            assert status == 503 and headers["connection"] == "close"
+            assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
             assert await closed_by_server(reader, SLACK_S) < SLACK_S
         finally:
             close(writer)

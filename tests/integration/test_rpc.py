@@ -4,6 +4,7 @@ google-genai SDK talking to the emulator. Every reply is checked vector by vecto
 from __future__ import annotations
 
 import asyncio
+import gzip
 import threading
 import uuid
 from typing import Any
@@ -182,3 +183,14 @@ async def test_float32_reply_encoding_carries_the_same_vectors(start_worker: Any
     assert_right_vectors(
         {"embeddings": vectors.tolist(), "model": "gemini-embedding-001", "dimensions": 768}, texts, dims=768
     )
+
+
+async def test_a_gzip_body_is_decompressed_and_another_encoding_is_named(start_worker: Any, vhost: str) -> None:
+    await start_worker()
+    texts = ["squeezed", "twice squeezed"]
+    async with RawCaller(vhost) as caller:
+        body = gzip.compress(orjson.dumps({"texts": texts}))
+        assert_right_vectors(await caller.call(body, content_encoding="gzip"), texts)
+        reply = await caller.call(orjson.dumps({"texts": texts}), content_encoding="br")
+        assert reply["error"]["code"] == "invalid_request"
+        assert "'br'" in reply["error"]["message"]

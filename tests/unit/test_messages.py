@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import tracemalloc
+import zlib
 from typing import Any
 
 import numpy as np
@@ -13,10 +16,12 @@ from hypothesis import strategies as st
 
 from worker.errors import ErrorCode, InvalidRequest
 from worker.messages import (
+    ERROR_REPLY_MAX_BYTES,
     EmbedRequest,
     ErrorReply,
     MalformedReply,
     RequestLimits,
+    decode_deferred,
     decode_flush_reply,
     decode_reply,
     decode_request,
@@ -24,6 +29,7 @@ from worker.messages import (
     encode_flush_reply,
     encode_request,
     encode_vectors,
+    reply_bytes,
 )
 
 LIMITS = RequestLimits(
@@ -214,3 +220,136 @@ def test_prefetch_stays_under_the_quorum_cap_and_says_so() -> None:
     assert wide.effective_prefetch == 2000 and "above the 2000" in wide.prefetch_warnings()[0]
     classic = Settings(_env_file=None, max_concurrent_batches=12, queue_type="classic", **base)  # type: ignore[call-arg]
     assert classic.effective_prefetch == 2500 and classic.prefetch_warnings() == []
+
+
+# ---------------------------------------------------------------- compressed bodies (content_encoding)
+def gzipped(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", "x-gzip", " Gzip "])
+def test_a_gzip_body_is_decoded_as_the_json_it_holds(encoding: str) -> None:
+    body = orjson.dumps({"texts": ["a", "b"], "task_type": "CLUSTERING"})
+    req = decode_request(gzipped(body), content_type=None, headers=None, limits_=LIMITS, content_encoding=encoding)
+    assert req == decode(body)
+    deferred = orjson.dumps({"items": [{"key": "k", "text": "t"}]})
+    got = decode_deferred(gzipped(deferred), content_type=None, limits_=LIMITS, content_encoding=encoding)
+    assert (got.keys, got.texts) == (["k"], ["t"])
+
+
+@pytest.mark.parametrize("encoding", [None, "", "identity", "IDENTITY"])
+def test_no_encoding_or_identity_takes_the_body_as_it_is(encoding: str | None) -> None:
+    body = orjson.dumps({"text": "a"})
+    assert decode_request(body, content_type=None, headers=None, limits_=LIMITS, content_encoding=encoding) == decode(
+        body
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "message"),
+    [
+        (b'{"text": "a"}', "br", "content_encoding 'br' is not supported (gzip or none)"),
+        (b'{"text": "a"}', "deflate", "content_encoding 'deflate' is not supported (gzip or none)"),
+        (b'{"text": "a"}', "gzip", "body is not valid gzip"),  # not compressed at all
+        (gzipped(b'{"text": "a"}')[:-12], "gzip", "body is not valid gzip"),  # cut short
+        (gzipped(b'{"text": "a"}') + b"junk", "gzip", "bytes follow its end"),
+        (gzipped(b'{"texts": ["a",') + gzipped(b' "b"]}'), "gzip", "one gzip member"),  # cat a.gz b.gz
+        (b"", "gzip", "body is not valid gzip"),
+    ],
+)
+def test_bodies_that_cannot_be_decoded_are_refused_by_name(body: bytes, encoding: str, message: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(body, content_type=None, headers=None, limits_=LIMITS, content_encoding=encoding)
+    assert message in info.value.message
+    with pytest.raises(InvalidRequest, match="not supported"):
+        decode_deferred(body, content_type=None, limits_=LIMITS, content_encoding=encoding + "2")
+
+
+def test_a_gzip_body_just_within_the_limit_is_taken_and_one_byte_more_is_not() -> None:
+    limit = LIMITS.max_body_bytes
+    fits = orjson.dumps({"text": "a" * 10})
+    fits += b" " * (limit - len(fits))  # exactly the limit once decompressed
+    assert decode_request(gzipped(fits), content_type=None, headers=None, limits_=LIMITS, content_encoding="gzip")
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(gzipped(fits + b" "), content_type=None, headers=None, limits_=LIMITS, content_encoding="gzip")
+    assert info.value.message == f"body decompresses to more than {limit} bytes; the limit is {limit}"
+
+
+def test_a_gzip_bomb_is_refused_without_holding_more_than_the_limit() -> None:
+    limit = 1024 * 1024
+    limits_ = RequestLimits("gemini-embedding-001", frozenset({"gemini-embedding-001"}), limit, 50, None)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+    zeros = bytes(1024 * 1024)
+    bomb = b"".join(compressor.compress(zeros) for _ in range(128)) + compressor.flush()  # 128 MiB of zeros
+    assert len(bomb) < limit
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequest, match="decompresses to more than"):
+            decode_request(bomb, content_type=None, headers=None, limits_=limits_, content_encoding="gzip")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * limit, f"decoding the bomb held {peak} bytes"
+
+
+# ---------------------------------------------------------------- reply sizes
+def unit_vectors(count: int, dims: int, seed: int = 0) -> Any:
+    vectors = np.random.default_rng(seed).standard_normal((count, dims)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+components = st.one_of(
+    st.floats(-1, 1, width=32),
+    st.sampled_from([1e-8, -1e-8, -7.6293945e-6, -1.0000001e-37, 1.1754944e-38, -1.4e-45, -0.0, -1.0, 1.0]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.integers(1, 4).flatmap(
+        lambda count: st.integers(1, 40).flatmap(
+            lambda dims: st.lists(st.lists(components, min_size=dims, max_size=dims), min_size=count, max_size=count)
+        )
+    ),
+    model=st.sampled_from(["gemini-embedding-001", "gemini-embedding-2", "m" * 100]),
+)
+def test_the_reply_size_estimate_is_never_below_the_reply(rows: list[list[float]], model: str) -> None:
+    vectors = np.asarray(rows, dtype=np.float32)
+    count, dims = vectors.shape
+    for encoding in ("json", "float32"):
+        assert reply_bytes(count, dims, encoding) >= len(encode_vectors(vectors, model, encoding).body)
+
+
+def test_the_worst_numbers_fill_the_json_estimate() -> None:
+    """Every component at the widest float32 orjson writes (16 characters): the bound is met, not passed."""
+    vectors = np.full((3, 3072), -7.6293945e-6, dtype=np.float32)
+    size = len(encode_vectors(vectors, "gemini-embedding-001").body)
+    assert size <= reply_bytes(3, 3072, "json") <= size + 160
+
+
+def test_the_json_estimate_for_typical_unit_vectors_is_about_a_third_above_the_reply() -> None:
+    vectors = unit_vectors(20, 3072)
+    actual = len(encode_vectors(vectors, "gemini-embedding-001").body)
+    estimate = reply_bytes(20, 3072, "json")
+    assert actual < estimate < 1.4 * actual  # measured: 1.34 (components print in 12 characters, the bound in 16)
+    binary = len(encode_vectors(vectors, "gemini-embedding-001", "float32").body)
+    assert binary < reply_bytes(20, 3072, "float32") <= binary * 1.01
+
+
+def test_a_thousand_full_vectors_fit_a_16_mib_message_as_float32_only() -> None:
+    mib = 1024 * 1024
+    assert reply_bytes(1000, 3072, "json") > 16 * mib
+    assert 11.5 * mib < reply_bytes(1000, 3072, "float32") < 12 * mib
+    with pytest.raises(ValueError, match="reply encoding"):
+        reply_bytes(1, 8, "xml")
+
+
+@settings(max_examples=200, deadline=None)
+@given(message=st.text(st.characters(codec=None), max_size=5000) | st.just("\x1f" * 5000) | st.just("\udc80" * 900))
+def test_an_error_reply_is_always_under_4_kib(message: str) -> None:
+    reply = encode_error(InvalidRequest(message))
+    assert len(reply.body) < ERROR_REPLY_MAX_BYTES == 4096
+    with pytest.raises(ErrorReply) as err:
+        decode_reply(reply.body, reply.content_type, None)
+    if len(message) < 500 and message.isprintable() and not any("\ud800" <= c <= "\udfff" for c in message):
+        assert err.value.message == message  # short messages are kept as they are

@@ -79,7 +79,12 @@ def decode_round(deliveries: Sequence[Delivery], limits: RequestLimits) -> tuple
     result = RoundResult()
     for delivery in deliveries:
         try:
-            request = decode_deferred(delivery.body, content_type=delivery.content_type, limits_=limits)
+            request = decode_deferred(
+                delivery.body,
+                content_type=delivery.content_type,
+                content_encoding=delivery.content_encoding,
+                limits_=limits,
+            )
         except InvalidRequest as exc:
             log.warning("invalid deferred request (message_id=%s): %s", safe(delivery.message_id), safe(exc.message))
             result.settles.append((delivery, dead_letter("invalid_request", f"invalid_request: {exc.message}")))
