@@ -250,3 +250,9 @@ class MemoryPublisher:
         self.broker.publish(
             body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
         )
+
+    generation = 0
+
+    async def reopened_since(self, generation: int, timeout: float) -> bool:
+        """A broken memory channel is never reopened: the publish is not tried again."""
+        return False

@@ -20,7 +20,8 @@ from pydantic import SecretStr
 from worker.amqp.connection import AmqpConfig, PlainConnector, connect, declare_topology
 from worker.amqp.deferred import AmqpDeferredQueue
 from worker.amqp.publish import Publisher
-from worker.amqp.rpc import RpcConsumer, RpcReplies
+from worker.amqp.replies import RpcReplies
+from worker.amqp.rpc import RpcConsumer
 from worker.amqp.settle import Settler
 from worker.deferred import DeferredConfig
 from worker.deferred.jobs import JobRounds
@@ -32,6 +33,7 @@ from worker.emulator import EmulatorThread
 from worker.errors import ConfigurationError
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.frugal import Frugal
+from worker.holding import HeldBytes, tune_allocator
 from worker.messages import RequestLimits
 from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
@@ -90,6 +92,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
 async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop: asyncio.Event) -> _Running:
     """Build and start everything; ``stack`` closes it all again, in reverse order."""
     metrics = Metrics()
+    if not tune_allocator():
+        log.info("not glibc: memory freed after a burst of large messages may stay with the process")
+    held = HeldBytes(settings.max_held_bytes, largest=settings.max_body_bytes)
     embedder = _embedder(settings, stack)
     stack.push_async_callback(embedder.aclose)
 
@@ -97,7 +102,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop
     config = AmqpConfig.from_settings(settings)
     connection = await connect(config)
     stack.push_async_callback(_close_connection, connection)
-    # Replies (and parked copies) on a connection of their own, caller probes on a third: see amqp/rpc.py RpcReplies.
+    # Replies (and parked copies) on a connection of their own, caller probes on a third (amqp/replies.py).
     publish_connection = await connect(dataclasses.replace(config, connection_name="embed-worker-publish"))
     stack.push_async_callback(_close_connection, publish_connection)
     await declare_topology(
@@ -133,12 +138,15 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop
         reply_to=settings.reply_to_regex,
         metrics=metrics,
         check_callers=settings.check_callers,
+        reply_max_bytes=settings.reply_max_bytes,
     )
     for warning in settings.prefetch_warnings():
         log.warning(warning)
-    consumer = RpcConsumer(connection, settings.effective_prefetch, settler, service.handle)
+    consumer = RpcConsumer(connection, settings.effective_prefetch, settler, service.handle, held)
     await consumer.start()
     metrics.inflight.set_function(lambda: consumer.inflight)
+    metrics.held_bytes.set_function(lambda: held.held)
+    metrics.held_bytes_max.set_function(lambda: held.most)
     metrics.paused.set_function(lambda: int(consumer.paused))
     metrics.ready.set_function(lambda: int(consumer.ready))
 
@@ -152,6 +160,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop
         upstream=frugal,
         embedder=embedder,
         lane_stop=lane_stop,
+        held=held,
     )
     if settings.metrics_port is not None:
         try:
@@ -232,6 +241,7 @@ async def _start_lane(
     upstream: Frugal,
     embedder: GeminiEmbedder,
     lane_stop: asyncio.Event,
+    held: HeldBytes,
 ) -> asyncio.Task[None] | None:
     """The deferred lane, when REDIS_URL turns it on."""
     if settings.redis_url is None or not settings.deferred_enabled:
@@ -239,7 +249,7 @@ async def _start_lane(
     config = DeferredConfig.from_settings(settings)
     store = RedisVectorStore(settings.redis_url.get_secret_value(), settings.batch_jobs_key)
     stack.push_async_callback(store.aclose)
-    queue = AmqpDeferredQueue(connection, settler, publisher)
+    queue = AmqpDeferredQueue(connection, settler, publisher, held)
     await queue.open()
     rounds = SyncRounds(
         store,

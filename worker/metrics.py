@@ -60,6 +60,10 @@ class Metrics:
         )
         self.retries = Counter("embed_upstream_retries", "Upstream calls retried after a transient error", registry=r)
         self.inflight = Gauge("embed_inflight_messages", "Deliveries held and not yet settled", registry=r)
+        self.held_bytes = Gauge(
+            "embed_held_bytes", "Bodies of deliveries held, both lanes (MAX_HELD_BYTES)", registry=r
+        )
+        self.held_bytes_max = Gauge("embed_held_bytes_max", "The most body bytes held at once since start", registry=r)
         self.paused = Gauge("embed_consuming_paused", "1 while consuming is paused by the circuit breaker", registry=r)
         self.ready = Gauge("embed_ready", "1 when connected, topology declared and consuming", registry=r)
         # Saving quota (worker/frugal.py, worker/redis_quota.py)

@@ -59,12 +59,34 @@ class Delivery(Protocol):
 
 
 class ReplyUndeliverable(Exception):
-    """The broker returned the reply: no queue by that name (the caller is gone)."""
+    """The caller is gone: the broker returned the reply (no server-named queue by that name), or failed the
+    connection over this reply's Direct Reply-to name alone (541). Nothing more can reach it."""
+
+
+class ReplyRefused(Exception):
+    """The broker refused this one reply (basic.nack: the caller's queue is full or refuses publishes): final for
+    its request, never retried. ``reason`` is the broker's answer, in words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ReplyTooLarge(ReplyRefused):
+    """The broker closed the channel over this reply's size (406 PRECONDITION_FAILED, RabbitMQ 4.x
+    ``max_message_size``). ``limit`` is the broker's maximum, as it said it."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the reply is {size} bytes; the broker takes at most {limit}")
+        self.size = size
+        self.limit = limit
 
 
 class ReplyPublisher(Protocol):
     async def publish_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
-        """Publish and wait for the broker's confirm; raise ReplyUndeliverable if it was returned."""
+        """Publish and wait for the broker's confirm. Raises ReplyUndeliverable (the caller is gone),
+        ReplyRefused or ReplyTooLarge (final for this reply), anything else when the broker could not be reached
+        (the request is worth another try)."""
 
     async def caller_alive(self, reply_to: str) -> bool:
         """False only when the broker says a Direct Reply-to caller has gone."""
@@ -80,6 +102,9 @@ class FlushRequest:
 
 class DeferredQueue(Protocol):
     """``embed.deferred`` and its dead-letter queue, for the deferred lane."""
+
+    # The last ``get`` stopped because the worker's byte budget was spent, not because the queue was empty.
+    cut_short: bool
 
     async def get(self, max_messages: int) -> list[Delivery]:
         """Take up to ``max_messages`` waiting messages (basic.get: nothing waits in a prefetch window)."""

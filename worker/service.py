@@ -9,13 +9,18 @@ delivery; ``amqp/settle.py`` applies it. The decisions, in the order they are ta
 | reply_to missing, not valid UTF-8, or not allowed       | none (nowhere safe to send it)  | dead-letter             |
 | invalid request, or an input over a call's budget       | error invalid_request           | ack                     |
 | Direct Reply-to caller gone before batching             | none, no upstream call          | ack                     |
+| its reply would exceed REPLY_MAX_BYTES (estimated)      | error invalid_request           | ack                     |
 | embeddings                                              | vectors                         | ack                     |
 | deadline passed before the call, or bad input           | error, retryable=false          | ack                     |
 | upstream failed but the request is good (replayable)    | error, retryable=true           | dead-letter for replay  |
 | internal error                                          | error internal, retryable=true  | dead-letter for replay  |
 | worker shutting down before the batch ran               | none                            | requeue                 |
-| reply returned unroutable (the caller's queue is gone)  | dropped by the broker           | as decided above        |
-| reply could not be published                            | -                               | requeue                 |
+| caller gone (reply returned, or 541 over its name alone) | dropped, counted               | as decided above        |
+| reply refused by the broker (basic.nack)                | -                               | dead-letter, the reason |
+| reply over the broker's message size (406)              | error invalid_request instead   | as decided above        |
+| broker unreachable while publishing the reply           | -                               | requeue                 |
+
+A refused reply is final: requeueing it would embed the request again, and be refused again.
 """
 
 from __future__ import annotations
@@ -35,9 +40,28 @@ from worker.batcher import Batcher, BatcherClosed, BatchStats
 from worker.errors import DeadlineExceeded, EmbedError, ErrorCode, InvalidRequest
 from worker.inputs import EmbedInput
 from worker.logs import context, safe
-from worker.messages import EmbedConfig, Reply, RequestLimits, decode_request, encode_error, encode_vectors
+from worker.messages import (
+    EmbedConfig,
+    Reply,
+    RequestLimits,
+    decode_request,
+    encode_error,
+    encode_vectors,
+    reply_bytes,
+)
 from worker.metrics import Metrics
-from worker.ports import ACK, REQUEUE, BatchEmbedder, Delivery, ReplyPublisher, ReplyUndeliverable, Settle, dead_letter
+from worker.ports import (
+    ACK,
+    REQUEUE,
+    BatchEmbedder,
+    Delivery,
+    ReplyPublisher,
+    ReplyRefused,
+    ReplyTooLarge,
+    ReplyUndeliverable,
+    Settle,
+    dead_letter,
+)
 from worker.topology import DIRECT_REPLY_TO_PREFIX
 from worker.upstream import Outcome
 
@@ -145,8 +169,11 @@ class EmbedService:
         reply_to: re.Pattern[str],
         metrics: Metrics,
         check_callers: bool = True,
+        reply_max_bytes: int = 16 * 1024 * 1024,
     ):
         self._check_callers = check_callers
+        # The largest reply we publish: REPLY_MAX_BYTES, lowered to the broker's own limit once it has said it.
+        self._reply_max = reply_max_bytes
         self.metrics = metrics
         self._upstream = upstream
         self._publisher = publisher
@@ -180,7 +207,11 @@ class EmbedService:
         assert delivery.reply_to is not None
         try:
             request = decode_request(
-                delivery.body, content_type=delivery.content_type, headers=delivery.headers, limits_=self._limits
+                delivery.body,
+                content_type=delivery.content_type,
+                content_encoding=delivery.content_encoding,
+                headers=delivery.headers,
+                limits_=self._limits,
             )
         except EmbedError as exc:
             log.info(
@@ -196,6 +227,10 @@ class EmbedService:
                 if (why := self._batching.over_budget(item)) is not None:
                     refusal = InvalidRequest(f"input {i} is {why}")
                     return await self._finish(delivery, encode_error(refusal), ACK, code=refusal.code)
+        size = reply_bytes(len(request.inputs), request.config.dimensions, request.reply_encoding)
+        if size > self._reply_max:  # refused before any upstream call: its vectors could never be delivered
+            refusal = self._too_large(size)
+            return await self._finish(delivery, encode_error(refusal), ACK, code=refusal.code)
         if (
             self._check_callers
             and delivery.reply_to.startswith(DIRECT_REPLY_TO_PREFIX)
@@ -237,33 +272,46 @@ class EmbedService:
             return await self._finish(delivery, encode_error(error), settle_for_error(error), code=error.code)
         vectors = np.stack(outcomes)  # type: ignore[arg-type]  # no errors left, checked above
         reply = encode_vectors(vectors, request.config.model, request.reply_encoding)
+        if len(reply.body) > self._reply_max:  # the estimate is an upper bound; this is the last line
+            refusal = self._too_large(len(reply.body))
+            return await self._finish(delivery, encode_error(refusal), ACK, code=refusal.code)
         return await self._finish(delivery, reply, ACK, code="ok")
 
+    def _too_large(self, size: int) -> InvalidRequest:
+        return InvalidRequest(
+            f"the reply would be about {size} bytes, over the {self._reply_max} a reply may hold (REPLY_MAX_BYTES, "
+            "or the broker's max_message_size): send fewer texts, ask for fewer dimensions (output_dimensionality), "
+            'or ask for reply_encoding "float32" (4 bytes a number)'
+        )
+
     async def _finish(self, delivery: Delivery, reply: Reply | None, settle: Settle, *, code: str) -> Settle:
-        """Publish ``reply`` (if any) and wait for its confirm, then hand back ``settle``; requeue if the reply
-        could not be published, so the request is answered later rather than never."""
-        if reply is not None:
-            assert delivery.reply_to is not None
-            try:
-                await self._publisher.publish_reply(delivery.reply_to, delivery.correlation_id, reply)
-            except ReplyUndeliverable:
-                # RabbitMQ returns a reply to a server-named queue that is gone; a reply to a Direct Reply-to
-                # caller that has left is confirmed and dropped instead (RabbitMQ 3.10), so it is not seen here.
-                log.info(
-                    "reply returned: the caller's queue is gone (correlation_id=%s)",
-                    safe(delivery.correlation_id),
-                    extra=context(delivery.correlation_id),
-                )
-            except Exception as exc:
-                log.warning(
-                    "could not publish reply (correlation_id=%s): %r; requeueing",
-                    safe(delivery.correlation_id),
-                    exc,
-                    extra=context(delivery.correlation_id),
-                )
-                return REQUEUE
-            else:
-                self._replied(code).inc()
+        """Publish ``reply`` (if any) and wait for its confirm, then hand back ``settle``; see the table above for
+        what a reply the broker would not take becomes."""
+        if reply is None:
+            return settle
+        assert delivery.reply_to is not None
+        where = context(delivery.correlation_id)
+        cid = safe(delivery.correlation_id)
+        try:
+            await self._publisher.publish_reply(delivery.reply_to, delivery.correlation_id, reply)
+        except ReplyUndeliverable:
+            log.info("reply dropped: the caller is gone (correlation_id=%s)", cid, extra=where)
+            self.metrics.replies.labels("dropped", "caller_gone").inc()
+        except ReplyTooLarge as exc:
+            self._reply_max = min(self._reply_max, exc.limit)
+            log.warning("reply refused by the broker: %s (correlation_id=%s)", exc.reason, cid, extra=where)
+            self.metrics.replies.labels("refused", "too_large").inc()
+            refusal = self._too_large(exc.size)
+            return await self._finish(delivery, encode_error(refusal), settle, code=refusal.code)
+        except ReplyRefused as exc:
+            log.warning("reply refused by the broker: %s (correlation_id=%s); parking", exc.reason, cid, extra=where)
+            self.metrics.replies.labels("refused", code).inc()
+            return dead_letter("reply_refused", f"the broker refused the reply: {exc.reason}")
+        except Exception as exc:
+            log.warning("could not publish reply (correlation_id=%s): %r; requeueing", cid, exc, extra=where)
+            return REQUEUE
+        else:
+            self._replied(code).inc()
         return settle
 
     def _replied(self, code: str) -> Any:

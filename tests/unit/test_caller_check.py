@@ -7,9 +7,9 @@ from typing import Any, cast
 
 import pytest
 
-from worker.amqp import rpc
+from worker.amqp import replies as rpc
 from worker.amqp.publish import Publisher
-from worker.amqp.rpc import RpcReplies
+from worker.amqp.replies import RpcReplies
 
 CALLER = "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxMjM0NTY3OAAAAB4AAAAAZf8OGA==.4M8Jxn9j5lNvSqKUcw7vRg=="
 

@@ -23,6 +23,7 @@ from worker.deferred.rounds import SyncRounds, text_hash
 from worker.deferred.scheduler import DeferredLane
 from worker.emulator import BAD_INPUT_MARKER
 from worker.errors import UpstreamError
+from worker.holding import HeldBytes
 from worker.messages import EmbedConfig, RequestLimits
 from worker.metrics import Metrics
 from worker.settings import DEFAULT_REPLY_TO
@@ -75,7 +76,8 @@ async def lane() -> AsyncIterator[Lane]:
     broker = MemoryBroker(delivery_limit=5)
     metrics = Metrics()
     publisher = MemoryPublisher(broker)
-    queue = AmqpDeferredQueue(None, Settler(publisher, metrics), publisher)  # type: ignore[arg-type]
+    held = HeldBytes(1 << 30, largest=4 << 20)
+    queue = AmqpDeferredQueue(None, Settler(publisher, metrics), publisher, held)  # type: ignore[arg-type]
     channel = queue._channel = broker.channel()  # type: ignore[assignment]  # the seam: aiormq's channel
     store, embedder = MemoryStore(), FakeEmbedder()
     upstream = UpstreamCaller(embedder, RetryPolicy(2, Backoff(0.001, 0.002)), metrics=metrics)

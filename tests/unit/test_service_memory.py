@@ -16,7 +16,8 @@ import pytest
 from tests.fakes import FakeEmbedder
 from tests.memory import MemoryBroker, MemoryChannel, MemoryPublisher
 from worker import topology
-from worker.amqp.rpc import RpcReplies, handle_delivery, reply_node
+from worker.amqp.replies import RpcReplies, reply_node
+from worker.amqp.rpc import handle_delivery
 from worker.amqp.settle import Settler
 from worker.backoff import Backoff
 from worker.emulator import BAD_INPUT_MARKER

@@ -1,8 +1,9 @@
 """The deferred lane's side of the broker (``ports.DeferredQueue``) and the flush-control listener.
 
 ``get`` takes waiting messages with basic.get on a channel of its own, so nothing sits unacked in a consumer's
-prefetch window for minutes (RabbitMQ's consumer timeout would close the channel). Settling goes through
-``settle.py`` like the RPC lane's.
+prefetch window for minutes (RabbitMQ's consumer timeout would close the channel). It stops taking for the round
+once the worker's byte budget (``holding.HeldBytes``, shared with the RPC lane) is spent, after one message at
+least. Settling goes through ``settle.py`` like the RPC lane's.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ from worker import topology
 from worker.amqp.delivery import AmqpDelivery
 from worker.amqp.publish import Publisher, underlay
 from worker.amqp.settle import Settler
+from worker.holding import HeldBytes
 from worker.messages import JSON_CONTENT_TYPE
 from worker.ports import Delivery, FlushRequest, Settle
 
 
 class AmqpDeferredQueue:
-    def __init__(self, connection: AbstractRobustConnection, settler: Settler, publisher: Publisher):
+    def __init__(self, connection: AbstractRobustConnection, settler: Settler, publisher: Publisher, held: HeldBytes):
         self._connection = connection
         self._settler = settler
         self._publisher = publisher
+        self._held = held
+        self._taken: dict[int, int] = {}  # id of a delivery taken and not settled -> its body's size
+        self.cut_short = False
         self._robust: AbstractRobustChannel | None = None
         self._channel: aiormq.Channel | None = None
 
@@ -45,13 +50,27 @@ class AmqpDeferredQueue:
     async def get(self, max_messages: int) -> list[Delivery]:
         assert self._channel is not None
         channel = self._channel
+        self._give_back(list(self._taken))  # a new round: whatever the last one did not settle is gone with it
         out: list[Delivery] = []
+        self.cut_short = False
         while len(out) < max_messages:
+            if out and self._held.spent:
+                self.cut_short = True
+                break
             message = await channel.basic_get(topology.DEFERRED_QUEUE, no_ack=False)
             if isinstance(message.delivery, spec.Basic.GetEmpty):
                 break
-            out.append(AmqpDelivery(message))
+            delivery = AmqpDelivery(message)
+            self._held.take(len(delivery.body))
+            self._taken[id(delivery)] = len(delivery.body)
+            out.append(delivery)
         return out
+
+    def _give_back(self, ids: Sequence[int]) -> None:
+        for key in ids:
+            size = self._taken.pop(key, None)
+            if size is not None:
+                self._held.give(size)
 
     async def depth(self) -> int:
         assert self._channel is not None
@@ -59,7 +78,10 @@ class AmqpDeferredQueue:
         return int(ok.message_count or 0)
 
     async def settle(self, outcomes: Sequence[tuple[Delivery, Settle]]) -> None:
-        await self._settler.apply_all(outcomes, topology.DEFERRED_KEY)
+        try:
+            await self._settler.apply_all(outcomes, topology.DEFERRED_KEY)
+        finally:
+            self._give_back([id(delivery) for delivery, _ in outcomes])
 
     async def republish(self, body: bytes, headers: dict[str, Any]) -> None:
         await self._publish(topology.EXCHANGE, body, headers)

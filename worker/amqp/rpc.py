@@ -1,4 +1,4 @@
-"""The RPC lane's side of the broker: consume ``embed.requests``, publish replies, ask after Direct Reply-to callers.
+"""The RPC lane's consumer: take ``embed.requests`` deliveries within a window of messages and of bytes.
 
 ``RpcConsumer`` consumes on aiormq's channel directly (``basic_consume``): each delivery becomes an
 ``AmqpDelivery``, goes to the service, and the ``Settle`` it returns goes to ``settle.py``. It alone owns whether
@@ -6,40 +6,32 @@ we consume: ``pause``/``resume`` (the circuit breaker's calls) only state what i
 broker agree, retrying with back-off when that fails; ``ready`` is true only while the two agree. After a
 reconnect the robust channel is reopened and the same task consumes again on it.
 
-``RpcReplies`` publishes replies (``ports.ReplyPublisher``) through ``publish.Publisher``, on a connection of its
-own, and probes Direct Reply-to callers on a third one: see its docstring for the broker behaviour that needs it.
+Replies go out through ``replies.RpcReplies``, on a connection of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from aiormq.abc import AbstractChannel, DeliveredMessage
-from pamqp import commands as spec
+from aiormq.abc import DeliveredMessage
 
 from worker import topology
 from worker.amqp.delivery import AmqpDelivery
-from worker.amqp.publish import Publisher, underlay
+from worker.amqp.publish import underlay
 from worker.amqp.settle import Settler
 from worker.backoff import Backoff
+from worker.holding import HeldBytes
 from worker.logs import safe
-from worker.messages import Reply
-from worker.ports import REQUEUE, Delivery, ReplyUndeliverable, Settle
-from worker.topology import DIRECT_REPLY_TO_PREFIX
+from worker.ports import REQUEUE, Delivery, Settle
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Delivery], Awaitable[Settle]]
-ProbeConnect = Callable[[], Awaitable[aiormq.abc.AbstractConnection]]  # a plain connection for caller probes
-CALLER_CHECK_TTL_S = 1.0
-PROBE_TIMEOUT_S = 2.0  # a caller check that takes longer is inconclusive
 
 
 async def handle_delivery(message: DeliveredMessage, handle: Handler, settler: Settler) -> None:
@@ -55,14 +47,31 @@ async def handle_delivery(message: DeliveredMessage, handle: Handler, settler: S
 
 
 class RpcConsumer:
-    def __init__(self, connection: AbstractRobustConnection, prefetch: int, settler: Settler, handle: Handler):
+    """Consumes ``embed.requests`` within two windows: ``prefetch`` messages, and the bytes ``held`` allows.
+
+    The broker takes a count per consumer, fixed at basic.consume, so the byte budget is kept by choosing that count
+    (``HeldBytes.credit``) and, when it no longer fits, by cancelling the consumer and consuming again with another
+    one. Deliveries of a cancelled consumer stay ours to settle on the same channel; every decision to consume, stop
+    or resize is taken by ``_target`` and carried out by the one reconciling task."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        prefetch: int,
+        settler: Settler,
+        handle: Handler,
+        held: HeldBytes,
+    ):
         self._connection = connection
         self._prefetch = prefetch
         self._settler = settler
         self._handle = handle
+        self._held = held
         self._robust: AbstractRobustChannel | None = None
         self._channel: aiormq.Channel | None = None
         self._consumer_tag: str | None = None
+        self._granted = 0  # the prefetch count of the current consumer
+        self._unsettled: dict[str, int] = {}  # consumer tag -> its deliveries not settled yet
         self._want = False  # should we be consuming? (pause/resume say; stop says no, for good)
         self._stopping = False
         self._changed = asyncio.Event()
@@ -73,24 +82,44 @@ class RpcConsumer:
 
     async def start(self) -> None:
         self._robust = await self._connection.channel()
-        await self._robust.set_qos(prefetch_count=self._prefetch)  # per consumer: quorum queues refuse global QoS
         self._robust.reopen_callbacks.add(self._reopened)
         self._channel = await underlay(self._robust)
         self._want = True
-        await self._consume()  # the first time in the open, so a start-up failure is raised to the caller
+        await self._consume(self._target() or 1)  # the first time in the open: a start-up failure is raised
         self._reconciler = asyncio.create_task(self._reconcile())
-        log.info("consuming from %s (prefetch %d)", topology.QUEUE, self._prefetch)
+        log.info(
+            "consuming from %s (prefetch %d, holding at most %d bytes)",
+            topology.QUEUE,
+            self._prefetch,
+            self._held.limit,
+        )
 
     # ------------------------------------------------------------------ deliveries
     async def _on_message(self, message: DeliveredMessage) -> None:
+        size = len(message.body)
+        tag = getattr(message.delivery, "consumer_tag", None) or ""
         self._inflight += 1
         self._idle.clear()
+        self._unsettled[tag] = self._unsettled.get(tag, 0) + 1
+        self._held.take(size)
+        self._check()
         try:
             await handle_delivery(message, self._handle, self._settler)
         finally:
+            self._held.give(size)
+            left = self._unsettled.get(tag, 0) - 1  # a reconnect may have forgotten the tag
+            if left > 0:
+                self._unsettled[tag] = left
+            else:
+                self._unsettled.pop(tag, None)
             self._inflight -= 1
             if not self._inflight:
                 self._idle.set()
+            self._check()
+
+    def _check(self) -> None:
+        if not self._changed.is_set() and self._target() is not None:
+            self._changed.set()
 
     @property
     def inflight(self) -> int:
@@ -116,15 +145,37 @@ class RpcConsumer:
 
     @property
     def ready(self) -> bool:
-        """Connected, and consuming exactly when we want to (a breaker pause counts: it resumes itself)."""
+        """Connected, and consuming exactly when we want to (a breaker pause, or a spent byte budget, counts: both
+        end by themselves)."""
         connected = self._channel is not None and not self._channel.is_closed and not self._connection.is_closed
-        return connected and not self._stopping and (self._consumer_tag is not None) == self._want
+        return connected and not self._stopping and self._target() is None
+
+    def _target(self) -> int | None:
+        """What the consumer should become now: None to stay as it is, 0 to stop, n to consume with a count of n."""
+        consuming = self._consumer_tag is not None
+        if not self._want:
+            return 0 if consuming else None
+        room = self._prefetch - self._inflight
+        if not consuming:
+            credit = min(self._held.credit(room), self._prefetch)
+            return credit or None  # nothing affordable: wait for a settle
+        if self._held.spent:
+            return 0
+        outstanding = self._unsettled.get(self._consumer_tag or "", 0)
+        estimate = self._held.estimate()
+        if (self._granted - outstanding - 1) * estimate > self._held.limit - self._held.held:
+            return self._held.credit(room)  # granted more than the bytes can take: shrink
+        if outstanding >= self._granted and self._granted < self._prefetch:
+            grown = min(self._held.credit(room), 2 * self._granted)  # all of it in hand: grow, twofold at most
+            return grown if grown > self._granted else None
+        return None
 
     async def _reopened(self, _: object) -> None:
         """The robust connection reopened our channel on a new connection: no consumer there yet."""
         assert self._robust is not None
         self._channel = await underlay(self._robust)
         self._consumer_tag = None
+        self._unsettled.clear()  # the old channel's deliveries are the broker's again
         log.warning("reconnected to the broker; unacked deliveries from the old channel will be redelivered")
         self._changed.set()
 
@@ -134,11 +185,12 @@ class RpcConsumer:
         while True:
             await self._changed.wait()
             self._changed.clear()
+            target = self._target()
             try:
-                if self._want and self._consumer_tag is None:
-                    await self._consume()
-                elif not self._want and self._consumer_tag is not None:
+                if target is not None:
                     await self._cancel()
+                    if target:
+                        await self._consume(target)
                 failures = 0
             except Exception as exc:  # not consuming as wanted: /readyz says so until a retry works
                 failures += 1
@@ -147,10 +199,11 @@ class RpcConsumer:
                 await asyncio.sleep(delay)
                 self._changed.set()
 
-    async def _consume(self) -> None:
+    async def _consume(self, credit: int) -> None:
         assert self._channel is not None
+        await self._channel.basic_qos(prefetch_count=credit)  # per consumer: quorum queues refuse global QoS
         ok = await self._channel.basic_consume(topology.QUEUE, self._on_message)
-        self._consumer_tag = ok.consumer_tag
+        self._consumer_tag, self._granted = ok.consumer_tag, credit
 
     async def _cancel(self) -> None:
         """basic.cancel: the broker stops sending; deliveries already here are still ours to settle."""
@@ -170,143 +223,3 @@ class RpcConsumer:
             await self._cancel()
         except Exception as exc:
             log.info("consumer cancel failed (%r); closing the channel will stop it", exc)
-
-
-class RpcReplies:
-    """``ports.ReplyPublisher`` over the confirm channel, plus the Direct Reply-to caller probe.
-
-    A Direct Reply-to name belongs to a channel on one node of the cluster. When that node is down, RabbitMQ 3.10
-    answers a publish to the name, or a passive declare of it, by closing the *whole connection* with 541
-    INTERNAL_ERROR (tests/e2e/test_cluster.py reproduces it). So replies travel on a connection of their own, the
-    probe on a third one, never on the consumer's; and once a probe meets the 541 for a name, its node counts as
-    gone for ``DEAD_NODE_S``: its callers are answered no more (their connections died with the node), without
-    touching the broker."""
-
-    def __init__(self, publisher: Publisher, probe: ProbeConnect | None):
-        self._publisher = publisher
-        self._connect_probe = probe  # None: no caller checks
-        # aiormq matches a returned message to its publish by message_id; a counter is cheaper than its uuid4.
-        self._ids = itertools.count()
-        self._probe: aiormq.abc.AbstractConnection | None = None
-        self._probe_channel: AbstractChannel | None = None
-        self._probe_lock = asyncio.Lock()
-        self._alive_until: dict[str, float] = {}  # reply_to -> loop time until which it counts as alive
-        self._gone_nodes: dict[str, float] = {}  # node of a Direct Reply-to name -> loop time until which it is gone
-
-    async def publish_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
-        if self._node_gone(reply_to):
-            raise ReplyUndeliverable(reply_to)
-        properties = spec.Basic.Properties(
-            content_type=reply.content_type,
-            headers=reply.headers,
-            correlation_id=correlation_id,
-            delivery_mode=1,
-            message_id=f"r{next(self._ids)}",
-        )
-        # Through the default exchange: Direct Reply-to names and server-named queues are routed there.
-        await self._publisher.publish(
-            reply.body, exchange="", routing_key=reply_to, properties=properties, mandatory=True
-        )
-
-    def _node_gone(self, reply_to: str) -> bool:
-        node = reply_node(reply_to)
-        return node is not None and self._gone_nodes.get(node, 0.0) > asyncio.get_running_loop().time()
-
-    async def caller_alive(self, reply_to: str) -> bool:
-        """Does this Direct Reply-to queue still have its consumer? A passive declare on a spare channel: the broker
-        answers declare-ok while the caller's channel lives and 404 (closing the spare channel) once it has gone."""
-        loop = asyncio.get_running_loop()
-        if self._node_gone(reply_to):
-            return False
-        if self._alive_until.get(reply_to, 0.0) > loop.time():
-            # A caller sends many requests from one channel: one probe vouches for it for a moment, so a busy
-            # caller costs one round trip per CALLER_CHECK_TTL_S, not one per request.
-            return True
-        async with self._probe_lock:
-            if self._alive_until.get(reply_to, 0.0) > loop.time():
-                return True  # vouched for while we waited: a new caller's burst costs one probe, not one each
-            if self._node_gone(reply_to):
-                return False
-            try:
-                # Bounded as a whole: connecting may itself hang (a node that is still booting accepts the TCP
-                # connection and answers late), and every caller check waits on this lock.
-                async with asyncio.timeout(PROBE_TIMEOUT_S):
-                    channel = await self._probe_on()
-                    declare = _PassiveDeclare(queue=reply_to, passive=True)
-                    await channel.rpc(declare, timeout=PROBE_TIMEOUT_S)  # type: ignore[attr-defined]
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return False
-            except aiormq.exceptions.ConnectionInternalError:
-                node = reply_node(reply_to)
-                if node is not None:
-                    log.warning("the node of Direct Reply-to callers %s is gone; dropping their requests", safe(node))
-                    self._gone_nodes[node] = loop.time() + DEAD_NODE_S
-                self._probe = None
-                return False
-            except Exception as exc:  # cannot tell: assume the caller waits rather than drop its request
-                log.info("caller check for %s inconclusive (%r); answering it", safe(reply_to, 60), exc)
-                self._drop_probe()
-        # An inconclusive check vouches too: its caller is served, and the next check is one TTL away instead of
-        # every request of that caller waiting out a probe in turn.
-        if len(self._alive_until) > 10_000:
-            now = loop.time()
-            self._alive_until = {k: t for k, t in self._alive_until.items() if t > now}
-        self._alive_until[reply_to] = loop.time() + CALLER_CHECK_TTL_S
-        return True
-
-    async def _probe_on(self) -> AbstractChannel:
-        """A plain aiormq connection of its own (the broker may close it: a 404 closes the channel, a dead node's
-        name the connection), opened again when needed."""
-        if self._probe is None or self._probe.is_closed:
-            assert self._connect_probe is not None
-            self._probe = await self._connect_probe()
-            self._probe_channel = None
-        if self._probe_channel is None or self._probe_channel.is_closed:
-            self._probe_channel = await self._probe.channel()
-        return self._probe_channel
-
-    def _drop_probe(self) -> None:
-        """Forget the probe connection (the next check opens another); close it in the background."""
-        probe, self._probe = self._probe, None
-        if probe is not None and not probe.is_closed:
-            task = asyncio.get_running_loop().create_task(probe.close())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    async def aclose(self) -> None:
-        if self._probe is not None and not self._probe.is_closed:
-            await self._probe.close()
-
-
-DEAD_NODE_S = 60.0
-
-
-def reply_node(reply_to: str) -> str | None:
-    """The node a Direct Reply-to name's channel lives on, as RabbitMQ 3.x writes the name: the base64 of the
-    channel's Erlang pid, whose first field is the node (an atom such as ``reply@34825332``). None for any other
-    form (a server-named queue, or a format this does not know)."""
-    if not reply_to.startswith(DIRECT_REPLY_TO_PREFIX):
-        return None
-    suffix = reply_to[len(DIRECT_REPLY_TO_PREFIX) :].split(".", 1)[0]
-    try:
-        raw = base64.b64decode(suffix + "=" * (-len(suffix) % 4), altchars=b"-_")
-    except ValueError:
-        return None
-    # 131: external term format; 88/103: NEW_PID_EXT/PID_EXT; then the node atom, with a 2-byte (ATOM_EXT 100,
-    # ATOM_UTF8_EXT 118) or 1-byte (SMALL_ATOM_EXT 115, SMALL_ATOM_UTF8_EXT 119) length.
-    if len(raw) < 4 or raw[0] != 131 or raw[1] not in (88, 103):
-        return None
-    if raw[2] in (100, 118):
-        size, start = int.from_bytes(raw[3:5], "big"), 5
-    elif raw[2] in (115, 119):
-        size, start = raw[3], 4
-    else:
-        return None
-    return raw[start : start + size].decode("utf-8", "replace") or None
-
-
-class _PassiveDeclare(spec.Queue.Declare):
-    """queue.declare(passive) without pamqp's name check: RabbitMQ's own Direct Reply-to names end in
-    base64 padding ("...==") that pamqp's queue-name pattern refuses, yet the broker answers for them."""
-
-    def validate(self) -> None:
-        return None

@@ -144,8 +144,8 @@ class DeferredLane:
             if result.store_error is not None:
                 raise result.store_error
             written += result.written
-            if len(deliveries) < self.config.max_messages:
-                return written
+            if len(deliveries) < self.config.max_messages and not self._queue.cut_short:
+                return written  # the queue was empty (what a round sent back waits for the next drain)
 
     async def _round(self, deliveries: list[Delivery]) -> RoundResult:
         decoded, result = decode_round(deliveries, self._limits)
