@@ -1,9 +1,11 @@
 """Command line: argument parsing and start-up only; the work lives in the modules it calls.
 
 A start-up failure is one readable line naming the setting or the endpoint and the cause, and an exit code:
-2 for a bad configuration (an invalid setting, a login the broker refuses, a missing vhost, a port in use), 1 when
-the broker did not answer within AMQP_CONNECT_TIMEOUT_S or a client command failed. The traceback is printed
-only with LOG_LEVEL=DEBUG.
+2 for a bad configuration (an invalid setting or argument, a login the broker refuses, a missing vhost, a port in
+use), 1 when the broker did not answer within AMQP_CONNECT_TIMEOUT_S or a client command failed otherwise, 3 when
+a client command's request had nobody to take it (the broker returned it: no worker, of the deferred lane for
+`flush`, is listening on that vhost). The client commands take the same codes. The traceback is printed only with
+LOG_LEVEL=DEBUG.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -24,6 +27,8 @@ from pydantic_settings import SettingsError
 from worker import __version__, logs
 from worker.errors import ConfigurationError, StartupError
 
+NO_WORKER_EXIT = 3  # a client command's request was returned by the broker: no worker (of that lane) listens
+
 if TYPE_CHECKING:
     from worker.settings import Settings
 
@@ -34,11 +39,13 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        lines = ["embed-worker: invalid settings:"]
+        problems = []
         for err in exc.errors():
             name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
-            lines.append(f"  {name}: {err['msg'].removeprefix('Value error, ')}")
-        _fail("\n".join(lines), ConfigurationError.exit_code)
+            problems.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
+        if len(problems) == 1:  # the usual case: one line
+            _fail(f"embed-worker: invalid settings: {problems[0]}", ConfigurationError.exit_code)
+        _fail("\n  ".join(["embed-worker: invalid settings:", *problems]), ConfigurationError.exit_code)
     except SettingsError as exc:  # e.g. ALLOWED_MODELS that is not JSON: pydantic-settings fails before validating
         field = str(exc).split('"')[1] if '"' in str(exc) else "settings"
         cause = f": {exc.__cause__}" if exc.__cause__ else ""
@@ -58,10 +65,28 @@ def _fail(message: str, code: int, exc: BaseException | None = None) -> NoReturn
 
 
 def _broker_url(args: argparse.Namespace) -> str:
-    """--url, else AMQP_URL, else the local default. Client commands need no full Settings (no Gemini key)."""
+    """--url, else AMQP_URL, else the local default, checked as Settings checks AMQP_URL. Client commands need no
+    full Settings (no Gemini key)."""
     from worker.settings import Settings
 
-    return str(args.url or os.environ.get("AMQP_URL") or Settings.model_fields["amqp_url"].default.get_secret_value())
+    source = "--url" if args.url else "AMQP_URL"
+    url = str(args.url or os.environ.get("AMQP_URL") or Settings.model_fields["amqp_url"].default.get_secret_value())
+    try:
+        Settings.check_amqp_url(url)
+    except ValueError as exc:
+        _fail(f"embed-worker: {source}: {exc}", ConfigurationError.exit_code)
+    return url
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero (argparse exits 2 with the message otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -149,7 +174,7 @@ def _embed(args: argparse.Namespace) -> None:
     except EmbedTimeout:
         _fail("embed-worker: no reply in time (is a worker running?)", 1)
     except EmbedClientError as exc:
-        _fail(f"embed-worker: {_client_error(exc)}", 1, exc)
+        _fail(f"embed-worker: {_client_error(exc)}", _client_exit_code(exc), exc)
 
 
 def _flush(args: argparse.Namespace) -> None:
@@ -166,7 +191,7 @@ def _flush(args: argparse.Namespace) -> None:
     except EmbedTimeout:
         _fail("embed-worker: no worker answered the flush (is one running with REDIS_URL set?)", 1)
     except EmbedClientError as exc:
-        _fail(f"embed-worker: {_client_error(exc)}", 1, exc)
+        _fail(f"embed-worker: {_client_error(exc)}", _client_exit_code(exc), exc)
 
 
 def _client_error(exc: Exception) -> str:
@@ -174,9 +199,20 @@ def _client_error(exc: Exception) -> str:
     from worker.client import EmbedClientError
 
     assert isinstance(exc, EmbedClientError)
-    if exc.code in ("unreachable", "connection_lost", "malformed_reply"):
+    if exc.code in ("unreachable", "unroutable", "connection_lost", "malformed_reply"):
         return exc.message
     return f"error reply: {exc.code}: {exc.message}"
+
+
+def _client_exit_code(exc: Exception) -> int:
+    """2 when the broker refused us (login, vhost, TLS: as for `run`), 3 when it returned the request, else 1."""
+    from worker.client import EmbedClientError, EmbedClientRefused
+
+    if isinstance(exc, EmbedClientRefused):
+        return ConfigurationError.exit_code
+    if isinstance(exc, EmbedClientError) and exc.code == "unroutable":
+        return NO_WORKER_EXIT
+    return 1
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -232,13 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--model", default=None)
     emb.add_argument("--task-type", default=None)
     emb.add_argument("--dimensions", type=int, default=None)
-    emb.add_argument("--timeout", type=float, default=30.0)
+    emb.add_argument("--timeout", type=_positive_seconds, default=30.0, help="seconds to wait for the reply")
     emb.add_argument("--json", action="store_true", help="JSON lines output")
     emb.set_defaults(func=_embed)
 
     flush = sub.add_parser("flush", help="make every worker's deferred lane drain now, and wait for it")
     flush.add_argument("--url", default=None, help="broker URL (default: AMQP_URL or the local broker)")
-    flush.add_argument("--timeout", type=float, default=300.0)
+    flush.add_argument("--timeout", type=_positive_seconds, default=300.0, help="seconds to wait for an answer")
     flush.set_defaults(func=_flush)
 
     bench = sub.add_parser("bench", help="run a benchmark scenario against RabbitMQ and the emulator")

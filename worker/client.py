@@ -9,9 +9,10 @@ Usage::
 
 Every failure is an ``EmbedClientError`` with a ``code``: the worker's error codes (``invalid_request``,
 ``upstream_error``, ...), or the client's own (``timeout``, ``connection_lost``, ``unreachable``,
-``malformed_reply``). A timeout is also a ``TimeoutError``. The connection is robust: when it drops, calls in
-flight fail at once with ``connection_lost`` (their replies were addressed to a Direct Reply-to name that died
-with the channel) and later calls work again once it is back.
+``unroutable``, ``malformed_reply``). A timeout is also a ``TimeoutError``; a broker that answers and refuses us
+(login, vhost, TLS) is an ``EmbedClientRefused``, code ``unreachable``, not retryable. The connection is robust:
+when it drops, calls in flight fail at once with ``connection_lost`` (their replies were addressed to a Direct
+Reply-to name that died with the channel) and later calls work again once it is back.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
 from worker.amqp import codec
-from worker.amqp.connection import connect_any
+from worker.amqp.connection import CONNECT_ERRORS, connect_any, refusal
+from worker.errors import ConfigurationError
 from worker.logs import redact_url
 from worker.messages import (
     FLUSH_REQUEST,
@@ -49,7 +51,9 @@ log = logging.getLogger(__name__)
 
 class EmbedClientError(Exception):
     """A call failed. ``code`` is the worker's error code, or one of the client's: ``timeout``,
-    ``connection_lost``, ``unreachable``, ``malformed_reply``. ``retryable``: trying again later may succeed."""
+    ``connection_lost``, ``unreachable``, ``unroutable`` (the broker returned the request: no queue is bound to
+    take it, so no worker of that lane listens), ``malformed_reply``. ``retryable``: trying again later may
+    succeed."""
 
     def __init__(self, code: str, message: str, retryable: bool):
         super().__init__(f"{code}: {message}")
@@ -63,6 +67,17 @@ class EmbedTimeout(EmbedClientError, TimeoutError):
 
     def __init__(self, timeout: float):
         super().__init__("timeout", f"no reply within {timeout:g} s", retryable=True)
+
+
+class EmbedClientRefused(EmbedClientError):
+    """The broker answered and refused us: a login it rejects, a vhost that does not exist (or this user may not
+    use), a TLS failure. Code ``unreachable`` as before, but not retryable: it is a configuration to fix."""
+
+    def __init__(self, cause: ConfigurationError):
+        super().__init__("unreachable", str(cause), retryable=False)
+
+
+NO_DEFERRED_WORKER = "no worker of the deferred lane is listening (is one running with REDIS_URL set?)"
 
 
 class EmbedClient:
@@ -82,8 +97,10 @@ class EmbedClient:
         codec.install()  # a reply with a non-UTF-8 property must not close our connection
         try:
             self._connection = await connect_any(self._url, client_properties={"connection_name": "embed-client"})
-        except (aiormq.exceptions.ProbableAuthenticationError, aiormq.exceptions.AMQPConnectionError, OSError) as exc:
+        except CONNECT_ERRORS as exc:
             where = redact_url(self._url)
+            if (refused := refusal(exc, where)) is not None:
+                raise EmbedClientRefused(refused) from refused
             raise EmbedClientError(
                 "unreachable", f"cannot connect to the broker at {where}: {_cause(exc)}", True
             ) from None
@@ -183,8 +200,16 @@ class EmbedClient:
             raise EmbedClientError("connection_lost", f"could not publish: {_cause(exc)}", True) from None
 
     async def flush(self, *, timeout: float | None = None) -> int:
-        """Ask every worker's deferred lane to drain now; returns the vectors the first to answer wrote."""
-        message = await self.request(FLUSH_REQUEST, timeout=timeout, routing_key=FLUSH_KEY, exchange=EXCHANGE)
+        """Ask every worker's deferred lane to drain now; returns the vectors the first to answer wrote.
+
+        Each such worker binds a queue of its own to FLUSH_KEY, so when none listens the broker returns the
+        request at once: ``unroutable`` then, rather than a wait for the whole timeout."""
+        try:
+            message = await self.request(FLUSH_REQUEST, timeout=timeout, routing_key=FLUSH_KEY, exchange=EXCHANGE)
+        except EmbedClientError as exc:
+            if exc.code == "unroutable":
+                raise EmbedClientError("unroutable", NO_DEFERRED_WORKER, True) from None
+            raise
         try:
             return decode_flush_reply(message.body)
         except ErrorReply as exc:
@@ -195,7 +220,8 @@ class EmbedClient:
     async def request(
         self, body: bytes, *, timeout: float | None = None, routing_key: str = ROUTING_KEY, exchange: str | None = None
     ) -> DeliveredMessage:
-        """Publish one request and wait for its reply (the raw message)."""
+        """Publish one request and wait for its reply (the raw message). The request is mandatory: when no queue
+        would take it, the broker returns it and this raises ``unroutable`` at once."""
         assert self._channel is not None, "call connect() first"
         wait = self._timeout if timeout is None else timeout
         if wait <= 0:
@@ -220,19 +246,41 @@ class EmbedClient:
                 headers={DEADLINE_HEADER: int((time.time() + wait) * 1000)},
             )
             name = self._exchange_name if exchange is None else exchange
+            where = f"exchange {name!r}" if name else "the default exchange"
             try:
                 channel = self._channel
                 target = channel.default_exchange if not name else await channel.get_exchange(name, ensure=False)
-                await target.publish(message, routing_key=routing_key)
+                confirmation = await target.publish(message, routing_key=routing_key, mandatory=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:  # the broker closed the channel: 404, no exchange
+                self._forget(cid, future)
+                raise EmbedClientError(
+                    "unroutable", f"{where} does not exist (no worker has started on this vhost?): {exc}", True
+                ) from None
             except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
-                self._pending.pop(cid, None)
+                self._forget(cid, future)
                 raise EmbedClientError("connection_lost", f"could not publish: {_cause(exc)}", True) from None
+            if isinstance(confirmation, DeliveredMessage):  # basic.return: no queue is bound to take it
+                self._forget(cid, future)
+                raise EmbedClientError(
+                    "unroutable",
+                    f"the broker returned the request: no queue takes routing key {routing_key!r} on {where} "
+                    "(no worker has started on this vhost?)",
+                    True,
+                )
             try:
                 return await asyncio.wait_for(future, max(0.0, deadline - asyncio.get_running_loop().time()))
             except TimeoutError:
                 raise EmbedTimeout(wait) from None
             finally:
                 self._pending.pop(cid, None)
+
+    def _forget(self, cid: str, future: asyncio.Future[DeliveredMessage]) -> None:
+        """A call that ends before its reply could come: drop its future (``_lost`` may have failed it already
+        when the broker closed the channel; that exception is ours to drop, not asyncio's to log)."""
+        self._pending.pop(cid, None)
+        if future.done() and not future.cancelled():
+            future.exception()
+        future.cancel()
 
 
 def _cause(exc: BaseException) -> str:

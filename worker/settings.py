@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     # The bodies one worker holds at once, both lanes together (README, "Memory"): the RPC lane takes no more
     # deliveries while it is spent, the deferred lane takes no more messages for its round. One message larger
     # than all of it is still served, alone. The default keeps a worker with defaults inside a 512 MiB pod.
-    max_held_bytes: int = Field(default=128 * 1024 * 1024, ge=65_536)
+    max_held_bytes: int = Field(default=64 * 1024 * 1024, ge=65_536)
     # The largest reply the worker publishes: RabbitMQ 4.x refuses messages over 16 MiB by default
     # (max_message_size; 3.x: 128 MiB). A request whose reply would be larger is refused before any upstream call.
     reply_max_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
@@ -170,15 +170,38 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        urls = [u.strip() for u in value.get_secret_value().split(",") if u.strip()]
+        cls.check_amqp_url(value.get_secret_value())
+        return value
+
+    @staticmethod
+    def check_amqp_url(value: str) -> None:
+        """Raise ValueError unless ``value`` is one or more comma-separated amqp:// or amqps:// URLs, each with a
+        valid port or none. The message never holds a password. The client commands call this too: they take a
+        broker URL without building Settings."""
+        urls = [u.strip() for u in value.split(",") if u.strip()]
         if not urls:
             raise ValueError("is empty")
         for url in urls:
-            if urlsplit(url).scheme not in ("amqp", "amqps"):
+            try:
+                parts = urlsplit(url)
+            except ValueError as exc:  # an unclosed "[" of an IPv6 address
+                raise ValueError(f"not a URL: {exc}") from None
+            if parts.scheme not in ("amqp", "amqps"):
                 raise ValueError(
                     "must start with amqp:// or amqps:// (several, for a cluster's nodes: comma-separated)"
                 )
-        return value
+            try:
+                port = parts.port  # urllib raises for a port that is not a number from 0 to 65535
+            except ValueError:
+                port = -1
+            if port is None or 0 < port <= 65535:
+                continue
+            # Not redact_url: it reads the port, so it raises on this very URL (and drops a port 0).
+            userinfo, _, hostport = parts.netloc.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            shown = url.replace(parts.netloc, f"{user}:***@{hostport}", 1) if colon else url
+            given = hostport.rpartition("]")[2].partition(":")[2]
+            raise ValueError(f"port {given!r} in {shown} is not a number from 1 to 65535")
 
     @model_validator(mode="after")
     def _frugality_needs_redis(self) -> Settings:

@@ -51,6 +51,23 @@ async def test_start_up_mistakes_are_one_readable_line(
     assert "Traceback" not in worker.output and "guest:wrong" not in worker.output
 
 
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        ("amqp://guest:wrong@127.0.0.1:notaport/", "notaport"),
+        ("amqp://guest:wrong@127.0.0.1:99999/", "99999"),
+        ("amqp://guest:wrong@127.0.0.1:0/", "0"),
+        ("amqp://guest:wrong@127.0.0.1:5672/,amqps://guest:wrong@[::1]:56x72/", "56x72"),  # a cluster's second node
+    ],
+)
+async def test_a_bad_port_in_amqp_url_is_one_line(vhost: str, emulator: EmulatorThread, url: str, port: str) -> None:
+    worker = WorkerProcess({**worker_env(vhost, emulator.base_url), "AMQP_URL": url})
+    assert await asyncio.to_thread(worker.wait, 30) == BAD_CONFIGURATION
+    lines = worker.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in worker.output, worker.output
+    assert "AMQP_URL" in lines[0] and f"port '{port}'" in lines[0] and "wrong" not in lines[0]
+
+
 async def test_a_port_in_use_is_a_configuration_error(vhost: str, emulator: EmulatorThread) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

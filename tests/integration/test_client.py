@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.helpers import assert_right_vectors, queue_depth, wait_until
 from worker.amqp.connection import declare_once
-from worker.client import EmbedClient, EmbedClientError, EmbedTimeout, SyncEmbedClient
+from worker.client import EmbedClient, EmbedClientError, EmbedClientRefused, EmbedTimeout, SyncEmbedClient
 from worker.emulator import EmulatorState
 
 pytestmark = pytest.mark.integration
@@ -216,3 +216,40 @@ async def test_a_dropped_connection_fails_calls_in_flight_at_once_and_the_client
     assert_right_vectors(
         {"embeddings": vectors.tolist(), "model": "gemini-embedding-001", "dimensions": 3072}, ["after the drop"]
     )
+
+
+# ---------------------------------------------------------------------- a broker that refuses us, nobody to route to
+@pytest.mark.parametrize(
+    ("password", "vhost_name", "fragment"),
+    [("guest", "no-such-vhost", "the vhost does not exist"), ("wrong", "", "refused the login")],
+)
+async def test_a_broker_that_refuses_us_is_not_retryable(
+    broker: Any, password: str, vhost_name: str, fragment: str
+) -> None:
+    """A wrong password or a missing vhost will not heal by retrying; the words are the ones `run` uses."""
+    url = broker.vhost_url(vhost_name).replace("guest:guest@", f"guest:{password}@")
+    with pytest.raises(EmbedClientRefused) as info:
+        await EmbedClient(url).connect()
+    assert info.value.code == "unreachable" and not info.value.retryable
+    assert fragment in info.value.message and "guest:wrong" not in info.value.message
+
+
+async def test_flush_fails_at_once_when_no_worker_of_the_deferred_lane_listens(start_worker: Any, vhost: str) -> None:
+    await start_worker()  # no REDIS_URL: the RPC lane only, so no flush queue is bound
+    async with EmbedClient(vhost, timeout=300) as client:
+        with pytest.raises(EmbedClientError) as info:
+            await asyncio.wait_for(client.flush(), 20)  # far less than the client's timeout
+        assert info.value.code == "unroutable" and info.value.retryable
+        assert "no worker of the deferred lane is listening" in info.value.message
+        vectors = await client.embed(["still works"], timeout=10)  # the RPC lane is unaffected
+    assert vectors.shape == (1, 3072)
+
+
+@pytest.mark.parametrize("call", ["embed", "flush"])
+async def test_a_request_on_a_vhost_without_the_topology_fails_at_once(vhost: str, call: str) -> None:
+    """No worker ever started here: no queue embed.requests (embed), no exchange embed.requests (flush)."""
+    async with EmbedClient(vhost, timeout=300) as client:
+        request = client.embed(["x"]) if call == "embed" else client.flush()
+        with pytest.raises(EmbedClientError) as info:
+            await asyncio.wait_for(request, 20)
+    assert info.value.code == "unroutable" and info.value.retryable, info.value

@@ -189,20 +189,14 @@ async def connect(config: AmqpConfig) -> AbstractRobustConnection:
                 reconnect_interval=config.reconnect_interval,
                 timeout=max(1.0, min(10.0, deadline - loop.time())),
             )
-        except aiormq.exceptions.ProbableAuthenticationError as exc:
-            raise ConfigurationError(f"the broker at {where} refused the login: {exc}") from exc
-        except aiormq.exceptions.InvalidFrameError as exc:
-            # RabbitMQ closes the connection instead of answering connection.open for a vhost that does not exist
-            # (or that the user may not use); aiormq reports that as an unexpected frame.
-            raise ConfigurationError(
-                f"the broker at {where} closed the connection while opening it: the vhost does not exist, or this "
-                "user has no access to it"
-            ) from exc
-        except ssl.SSLError as exc:
-            raise ConfigurationError(f"TLS to {where} failed: {exc}") from exc
-        except (aiormq.exceptions.AMQPConnectionError, OSError, TimeoutError) as exc:
-            if (tls := _tls_error(exc)) is not None:  # aiormq wraps it: a bad certificate does not heal by waiting
-                raise ConfigurationError(f"TLS to {where} failed: {tls}") from exc
+        except (
+            aiormq.exceptions.AMQPConnectionError,
+            aiormq.exceptions.InvalidFrameError,
+            OSError,
+            TimeoutError,
+        ) as exc:
+            if (refused := refusal(exc, where)) is not None:  # the broker answered no: waiting will not fix it
+                raise refused from exc
             left = deadline - loop.time()
             reason = str(exc) or type(exc).__name__
             if left <= 0:
@@ -213,6 +207,28 @@ async def connect(config: AmqpConfig) -> AbstractRobustConnection:
             delay = min(left, backoff.delay(attempt))
             log.warning("broker at %s not reachable (%s); attempt %d, retrying in %.1fs", where, reason, attempt, delay)
             await asyncio.sleep(delay)
+
+
+# What connecting may raise: refused (``refusal``), or not answered yet. OSError covers ssl.SSLError.
+CONNECT_ERRORS = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.InvalidFrameError, OSError, TimeoutError)
+
+
+def refusal(exc: BaseException, where: str) -> ConfigurationError | None:
+    """A broker that answered and refused us (for ``run``, ``embed`` and ``flush`` alike), or None for one that did
+    not answer (worth another try)."""
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return ConfigurationError(f"the broker at {where} refused the login: {exc}")
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError):
+        # RabbitMQ closes the connection instead of answering connection.open for a vhost that does not exist
+        # (or that the user may not use); aiormq reports that as an unexpected frame.
+        return ConfigurationError(
+            f"the broker at {where} closed the connection while opening it: the vhost does not exist, or this "
+            "user has no access to it"
+        )
+    if (tls := exc if isinstance(exc, ssl.SSLError) else _tls_error(exc)) is not None:
+        # aiormq wraps it: a bad certificate does not heal by waiting
+        return ConfigurationError(f"TLS to {where} failed: {tls}")
+    return None
 
 
 def _tls_error(exc: BaseException) -> ssl.SSLError | None:
