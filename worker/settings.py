@@ -99,6 +99,9 @@ class Settings(BaseSettings):
 
     # --- deferred lane (fire-and-forget, vectors into Redis); on when REDIS_URL is set ---
     redis_url: SecretStr | None = None
+    # The embedding cache's Redis, when it should not share REDIS_URL's: an evicting (allkeys-lru) Redis is right for a
+    # cache alone, and wrong where job records and callers' hashes live. Unset: REDIS_URL.
+    cache_redis_url: SecretStr | None = None
     deferred_enabled: bool = True
     deferred_batch_max_size: int = Field(default=limits.MAX_TEXTS_PER_CALL, ge=1, le=limits.MAX_TEXTS_PER_CALL)
     deferred_max_concurrent_batches: int = Field(default=2, ge=1)
@@ -156,7 +159,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return value or None
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "cache_redis_url", mode="before")
     @classmethod
     def _redis_url(cls, value: object) -> object:
         """Empty means unset (the deferred lane stays off); otherwise it must be a Redis URL."""
@@ -264,6 +267,11 @@ class Settings(BaseSettings):
                 "not every concurrent batch can fill"
             ]
         return []
+
+    @property
+    def cache_redis(self) -> SecretStr | None:
+        """Where the embedding cache lives: CACHE_REDIS_URL, else REDIS_URL."""
+        return self.cache_redis_url or self.redis_url
 
     @property
     def batch_jobs_key(self) -> str:
