@@ -1,11 +1,20 @@
 """Shared fixtures: a real RabbitMQ (AMQP_URL, else testcontainers), a vhost per test, the emulator,
-and in-process workers wired exactly as ``embed-worker run`` wires them."""
+and in-process workers wired exactly as ``embed-worker run`` wires them.
+
+The broker's CLI is RABBITMQCTL, a command prefix (split like a shell would; default ``rabbitmqctl``), so that
+``broker.ctl`` manages the broker AMQP_URL points at, e.g. the RabbitMQ 4 node of scripts/rabbitmq4:
+    AMQP_URL=amqp://guest:guest@127.0.0.1:5700/ RABBITMQCTL="bash /abs/path/scripts/rabbitmq4 ctl" pytest ...
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -13,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 
@@ -22,12 +31,65 @@ from worker.emulator import EmulatorState, EmulatorThread
 from worker.settings import Settings
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+_CONNECTION_NAME = re.compile(r'\{"connection_name","((?:[^"\\]|\\.)*)"\}')
+
+
+@dataclass(frozen=True)
+class Connection:
+    pid: str  # what ``close_connection`` takes
+    vhost: str
+    name: str  # the client's connection_name property ("" if it sent none), e.g. "embed-worker-publish"
 
 
 @dataclass
 class Broker:
     url: str
     ctl: Callable[[list[str]], str]  # runs rabbitmqctl with these arguments, returns its output
+
+    @functools.cached_property
+    def status(self) -> dict[str, Any]:
+        """``rabbitmqctl status`` of the node ``ctl`` manages, read once ({} if it is not JSON)."""
+        try:
+            status: dict[str, Any] = json.loads(self.ctl(["-q", "status", "--formatter", "json"]))
+        except (ValueError, subprocess.CalledProcessError):
+            return {}
+        return status
+
+    @functools.cached_property
+    def version(self) -> str:
+        """The server's RabbitMQ version, e.g. "3.10.8" or "4.0.5" (read once)."""
+        version = self.status.get("rabbitmq_version")
+        if isinstance(version, str) and version:
+            return version
+        return self.ctl(["-q", "version"]).strip()  # the CLI's version: the same release as the node's
+
+    @property
+    def version_info(self) -> tuple[int, ...]:
+        """``version`` as numbers, for ``if broker.version_info >= (4,)`` or a skip."""
+        numbers = []
+        for part in self.version.split("."):
+            digits = "".join(ch for ch in part if ch.isdigit())
+            if not digits:
+                break
+            numbers.append(int(digits))
+        return tuple(numbers)
+
+    def connections(self, vhost: str) -> list[Connection]:
+        """The AMQP connections to one vhost (its name, or a URL of it), whoever opened them.
+
+        ``rabbitmqctl list_connections`` lists the whole node and ignores ``-p`` (3.10 and 4.0 alike), so the
+        vhost column is compared exactly here: other tests' or programs' connections on the broker never count."""
+        if "://" in vhost:
+            vhost = unquote(urlsplit(vhost).path[1:]) or "/"
+        listing = self.ctl(["list_connections", "-q", "--no-table-headers", "pid", "vhost", "client_properties"])
+        found = []
+        for line in listing.splitlines():
+            pid, _, rest = line.partition("\t")
+            line_vhost, _, properties = rest.partition("\t")
+            if pid.startswith("<") and line_vhost == vhost:
+                match = _CONNECTION_NAME.search(properties)
+                found.append(Connection(pid, line_vhost, match.group(1) if match else ""))
+        return found
 
     def vhost_url(self, vhost: str) -> str:
         parts = urlsplit(self.url)
@@ -43,15 +105,38 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _ctl_command() -> list[str]:
+    """RABBITMQCTL as a command prefix (default: rabbitmqctl on PATH)."""
+    return shlex.split(os.environ.get("RABBITMQCTL", "")) or ["rabbitmqctl"]
+
+
 def _local_ctl(args: list[str]) -> str:
-    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=60).stdout
+    return subprocess.run([*_ctl_command(), *args], check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def _check_ctl_manages(broker: Broker) -> None:
+    """Fail early, and say why, when RABBITMQCTL manages another node than the one AMQP_URL points at (the vhost
+    fixture would create vhosts on one broker and the tests connect to another)."""
+    parts = urlsplit(broker.url)
+    if parts.hostname not in {"127.0.0.1", "localhost", "::1"}:
+        return  # cannot tell a remote or forwarded port from ours
+    listeners = broker.status.get("listeners") or []
+    ports = {entry.get("port") for entry in listeners if str(entry.get("protocol", "")).startswith("amqp")}
+    if ports and (parts.port or 5672) not in ports:
+        pytest.fail(
+            f"AMQP_URL {parts.hostname}:{parts.port or 5672} is not a listener of the node {shlex.join(_ctl_command())}"
+            f" manages (RabbitMQ {broker.version}, AMQP on {sorted(ports)}): set RABBITMQCTL to that broker's CLI",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
     url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
-    if _answers(url) and shutil.which("rabbitmqctl"):
-        yield Broker(url, _local_ctl)
+    if _answers(url) and shutil.which(_ctl_command()[0]):
+        local = Broker(url, _local_ctl)
+        _check_ctl_manages(local)
+        yield local
         return
     # No local broker: start one in Docker (needs a Docker engine).
     from testcontainers.rabbitmq import RabbitMqContainer

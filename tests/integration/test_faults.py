@@ -12,6 +12,7 @@ import aio_pika
 import orjson
 import pytest
 
+from tests.conftest import Broker
 from tests.integration.helpers import RawCaller, assert_right_vectors, consumers, get_one, queue_depth, wait_until
 from tests.integration.proxy import Proxy
 from worker.client import EmbedClient
@@ -153,23 +154,18 @@ async def test_message_redelivered_past_the_limit_lands_in_the_dlq_with_its_reas
 
 
 async def test_broker_connection_loss_reconnects_and_answers_everything(
-    broker: Any, start_worker: Any, vhost: str, emulator_state: EmulatorState, caplog: pytest.LogCaptureFixture
+    broker: Broker, start_worker: Any, vhost: str, emulator_state: EmulatorState, caplog: pytest.LogCaptureFixture
 ) -> None:
     emulator_state.latency_ms = 300  # 12 batches one at a time: ~4 s of work, so the drop lands mid-stream
     await start_worker(batch_max_size=5, max_concurrent_batches=1, amqp_reconnect_interval_s=0.3)
-    vhost_name = vhost.rsplit("/", 1)[1]
     texts = [f"through the storm {i}" for i in range(60)]
     async with RawCaller(vhost) as caller:
         cids = [await caller.send({"text": t}) for t in texts]
         await caller.reply(cids[0])
-        # Close only the worker's connections (the caller's must survive to collect replies).
-        listing = broker.ctl(["list_connections", "-q", "--no-table-headers", "pid", "vhost", "client_properties"])
-        worker_pids = [
-            line.split("\t")[0]
-            for line in listing.splitlines()
-            if f"\t{vhost_name}\t" in line and "embed-worker" in line
-        ]
-        assert worker_pids, listing
+        # Close only the worker's connections on this test's vhost (the caller's must survive to collect replies).
+        connections = broker.connections(vhost)
+        worker_pids = [c.pid for c in connections if c.name.startswith("embed-worker")]
+        assert worker_pids, connections
         for pid in worker_pids:
             broker.ctl(["close_connection", pid, "test: connection drop"])
         replies = [await caller.reply(cid, timeout=60) for cid in cids]

@@ -18,6 +18,7 @@ import orjson
 import pika
 import pytest
 
+from tests.conftest import Broker
 from tests.integration.helpers import RawCaller, assert_right_vectors, get_one
 from worker.client import EmbedClient
 
@@ -65,11 +66,9 @@ def publish_once(url: str, body: bytes, routing_key: str = "embed.requests", **p
         caller.publish(body, routing_key, **props)
 
 
-def _worker_connections(broker: Any, vhost: str) -> list[str]:
-    name = vhost.rsplit("/", 1)[1]
-    listing = broker.ctl(["list_connections", "-q", "--no-table-headers", "pid", "vhost", "client_properties"])
-    lines = listing.splitlines()
-    return sorted(line.split("\t")[0] for line in lines if f"\t{name}\t" in line and "embed-worker" in line)
+def _worker_connections(broker: Broker, vhost: str) -> list[str]:
+    """The worker's connections on this test's vhost only (the broker may be shared)."""
+    return sorted(c.pid for c in broker.connections(vhost) if c.name.startswith("embed-worker"))
 
 
 BAD_PROPERTIES: list[tuple[str, dict[str, Any]]] = [
@@ -83,7 +82,7 @@ BAD_PROPERTIES: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("what", "props"), BAD_PROPERTIES, ids=[p for p, _ in BAD_PROPERTIES])
 async def test_invalid_utf8_property_is_answered_and_the_window_survives(
-    broker: Any, start_worker: Any, vhost: str, what: str, props: dict[str, Any]
+    broker: Broker, start_worker: Any, vhost: str, what: str, props: dict[str, Any]
 ) -> None:
     """Quorum queue, delivery limit 2: before the fix every request in the prefetch window was dead-lettered."""
     await start_worker(delivery_limit=2, batch_max_size=20, batch_max_wait_ms=50)
@@ -109,7 +108,7 @@ async def test_invalid_utf8_property_is_answered_and_the_window_survives(
 
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"])
 async def test_invalid_reply_to_is_parked_with_a_readable_reason(
-    broker: Any, start_worker: Any, vhost: str, queue_type: str
+    broker: Broker, start_worker: Any, vhost: str, queue_type: str
 ) -> None:
     await start_worker(queue_type=queue_type)
     connections = _worker_connections(broker, vhost)

@@ -17,6 +17,8 @@ from worker.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 CORE_KINDS = {"Namespace", "ConfigMap", "Secret", "Deployment", "PodDisruptionBudget"}
+# The RabbitMQ release series the deploy files run; CI tests the worker against it (.ci/run, scripts/rabbitmq4).
+RABBITMQ_IMAGE = re.compile(r"^(docker\.io/)?(library/)?rabbitmq:4\.\d+(\.\d+)?(-management)?(-alpine)?$")
 
 
 def documents() -> list[dict[str, Any]]:
@@ -49,6 +51,7 @@ def test_custom_resources_have_what_their_operators_need() -> None:
     cluster = by_kind("RabbitmqCluster")
     assert cluster["apiVersion"] == "rabbitmq.com/v1beta1" and cluster["spec"]["replicas"] >= 3
     assert "default_queue_type = quorum" in cluster["spec"]["rabbitmq"]["additionalConfig"]
+    assert RABBITMQ_IMAGE.match(cluster["spec"]["image"]), cluster["spec"]["image"]  # RabbitMQ 4.x
 
 
 def test_deployment_probes_grace_and_settings_agree_with_the_worker() -> None:
@@ -108,3 +111,12 @@ def test_grafana_dashboard_uses_only_metrics_the_worker_exports() -> None:
     for name in used:
         base = name.removesuffix("_total").removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
         assert base in exported, f"dashboard uses {name}, not exported"
+
+
+def test_every_rabbitmq_image_is_4x() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    images = {name: svc["image"] for name, svc in compose["services"].items() if "rabbitmq" in svc.get("image", "")}
+    assert set(images) == {"rabbitmq", "rabbit1", "rabbit2", "rabbit3"}
+    images["k8s RabbitmqCluster"] = by_kind("RabbitmqCluster")["spec"]["image"]
+    not_4x = {name: image for name, image in images.items() if not RABBITMQ_IMAGE.match(image)}
+    assert not not_4x, f"not a RabbitMQ 4.x image: {not_4x}"
