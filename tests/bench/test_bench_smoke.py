@@ -65,6 +65,9 @@ async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -
     fleet = windows["runs"]["fleet"]
     assert fleet["upstream_calls"] == windows["requests"]  # one text per call: every request made its call
     assert fleet["max_calls_in_a_window"] <= windows["limit"]  # two processes, one budget
+    flood = results["image-flood"]
+    for r in flood["runs"]:  # every reply of the image requests checked against its own six images and caption
+        assert r["replies_checked"] > 0 and r["peak_rss_mb"] > 0 and r["rss_after_drain_mb"] > 0
     images = results["images"]
     assert 0 < images["max_call_bytes"] <= images["budget_bytes"]  # every call within the request budget
     assert images["image_bytes"]["min"] >= 200_000

@@ -75,10 +75,17 @@ class ManagedProcess:
 
     def peak_rss_mb(self) -> float | None:
         """Peak resident memory so far (VmHWM), while the process lives."""
+        return self._status_mb("VmHWM:")
+
+    def rss_mb(self) -> float | None:
+        """Resident memory now (VmRSS), while the process lives."""
+        return self._status_mb("VmRSS:")
+
+    def _status_mb(self, field: str) -> float | None:
         try:
             with open(f"/proc/{self.proc.pid}/status") as status:
                 for line in status:
-                    if line.startswith("VmHWM:"):
+                    if line.startswith(field):
                         return int(line.split()[1]) / 1024
         except OSError:
             return None

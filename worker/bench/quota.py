@@ -163,6 +163,48 @@ async def scenario_images(bench: Bench) -> dict[str, Any]:
     )
 
 
+async def scenario_image_flood(bench: Bench) -> dict[str, Any]:
+    """Large requests held at once: 60 (then 200) gemini-embedding-2 requests of six 475 KB images each (3.8 MB of
+    base64), queued before the worker starts, upstream 1.5 s a call. The worker with its defaults against the
+    same worker with the byte budget out of the way (MAX_HELD_BYTES of 8 GiB: only the 900-message window binds,
+    as before the budget existed). Peak RSS and RSS once drained."""
+    images = [png(i, 475_000) for i in range(6)]
+    parts = [{"inline_data": {"mime_type": "image/png", "data": base64.b64encode(d).decode()}} for d in images]
+
+    def body(i: int) -> tuple[bytes, str]:
+        # One input of six images and a caption that makes it distinct, so no two requests share a vector.
+        caption = {"text": f"flood {i}"}
+        item = inputs.Content(
+            (*(inputs.Part(mime_type="image/png", data=d) for d in images), inputs.Part(text=f"flood {i}"))
+        )
+        return orjson.dumps({"model": G2, "inputs": [{"parts": [*parts, caption]}]}), seed_of(inputs.seed_parts(item))
+
+    # The issue's figures at full size; a smoke run (few --requests) keeps the shape, small and quick.
+    full = bench.config.requests >= 1000
+    sizes, latency = ((60, 200), 1500) if full else ((8,), 100)
+    specs = []
+    for n in sizes:
+        common = {"n": n, "model": G2, "bodies": body, "latency_ms": latency}
+        specs += [
+            RunSpec(f"worker, {n} image requests, defaults", "worker", common),
+            RunSpec(f"worker, {n} image requests, no byte budget", "worker", {**common, "max_held_bytes": 8 << 30}),
+        ]
+    results = await _rounds(bench, specs)
+    return _summary(
+        results,
+        {
+            f"peak RSS, defaults / no byte budget, {n}": _ratio(
+                results,
+                f"worker, {n} image requests, defaults",
+                f"worker, {n} image requests, no byte budget",
+                "peak_rss_mb",
+            )
+            for n in sizes
+        },
+        body_bytes=len(body(0)[0]),
+    )
+
+
 def plot_windows(result: dict[str, Any], path: Path) -> None:
     """Calls in the sliding window ending at each moment, per scope, against the limit."""
     import matplotlib

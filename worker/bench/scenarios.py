@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -175,6 +177,9 @@ class Bench:
                     started = min([p.line_time("ready:") for p in procs] + [min(driver.received.values())])
                     finished = max(driver.received.values())
                     rss = [p.peak_rss_mb() or 0.0 for p in procs]
+                    # Settled a moment after the last reply is out (the acks follow it); then what is kept.
+                    await asyncio.sleep(1.0)
+                    rss_after = [p.rss_mb() or 0.0 for p in procs]
                 finally:
                     for p in procs:
                         p.stop(10)
@@ -198,6 +203,7 @@ class Bench:
             "upstream_texts": stats["texts"],
             "mean_batch": round(stats["texts"] / stats["calls"], 2) if stats["calls"] else None,
             "peak_rss_mb": round(max(rss), 1),
+            "rss_after_drain_mb": round(max(rss_after), 1),
             # CPU the target's processes spent per request: less sensitive to a noisy neighbour than rates.
             "cpu_us_per_request": round(cpu / n * 1e6, 1),
             "replies_checked": checked,
@@ -246,7 +252,9 @@ class Bench:
 
 
 def _ctl(args: list[str]) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    # RABBITMQCTL: the CLI of the broker under test, as a command prefix (as in tests/conftest.py).
+    command = shlex.split(os.environ.get("RABBITMQCTL", "")) or ["rabbitmqctl"]
+    subprocess.run([*command, "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 def _full(model: str) -> int:
@@ -473,6 +481,12 @@ async def scenario_images(bench: Bench) -> dict[str, Any]:
     return await run(bench)
 
 
+async def scenario_image_flood(bench: Bench) -> dict[str, Any]:
+    from worker.bench.quota import scenario_image_flood as run
+
+    return await run(bench)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "drain": scenario_drain,
     "latency": scenario_latency,
@@ -483,4 +497,5 @@ SCENARIOS: dict[str, Scenario] = {
     "memory": scenario_memory,
     "frugality": scenario_frugality,
     "images": scenario_images,
+    "image-flood": scenario_image_flood,
 }
