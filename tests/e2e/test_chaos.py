@@ -1,7 +1,8 @@
-"""Chaos: hundreds of requests through a SIGKILL, a broker connection drop and random upstream 503s, with a
-hostile message among them (a correlation_id that is not UTF-8) and a deferred item whose Redis key holds a
-string. Every request must end answered (with the right vectors, or a retryable error) or parked in the DLQ,
-and every deferred item written or parked."""
+"""Chaos: hundreds of requests through a SIGKILL, a broker connection drop and random upstream 503s, with hostile
+callers among them: a correlation_id that is not UTF-8, a caller whose reply queue is full and refuses publishes,
+a request whose reply_to is a forged Direct Reply-to name, and a deferred item whose Redis key holds a string.
+Every request must end answered (with the right vectors, or a retryable error) or parked in the DLQ, the forged
+one dropped without looping, and every deferred item written or parked."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import uuid
 from typing import Any
 
 import aio_pika
+import aiormq
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import Broker
 from tests.e2e.processes import WorkerProcess, worker_env
-from tests.integration.helpers import RawCaller, assert_right_vectors, get_one
+from tests.integration.helpers import RawCaller, assert_right_vectors, get_one, queue_depth, wait_until
 from tests.integration.test_hostile_input import publish_once
+from tests.integration.test_reply_refusals import forge, own_direct_reply_to_name
 from worker.emulator import EmulatorState, EmulatorThread
 from worker.vectors import expected_vector
 
@@ -71,7 +74,14 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
     redis = aioredis.Redis.from_url(redis_url)
     await redis.set(f"{prefix}string", "a caller's string")
     deferred = [(f"{prefix}{i}", f"deferred chaos {i}") for i in range(20)]
+    learner = await aiormq.connect(vhost)
+    forged = forge(await own_direct_reply_to_name(learner))
     async with RawCaller(vhost) as caller:
+        full = await caller.channel.declare_queue(
+            "", exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        full_cids = [await caller.send({"text": f"full {i}"}, reply_to=full.name) for i in range(3)]
+        await caller.send({"text": "forged"}, reply_to=forged)
         cids = [await caller.send({"text": t}) for t in texts[: N // 2]]
         hostile = "\udcff\udcfe"  # how the worker and our reader see correlation_id bytes ff fe (amqp/codec.py)
         caller.replies[hostile] = asyncio.get_running_loop().create_future()
@@ -109,6 +119,12 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
                     assert_right_vectors(reply, [text])
         refused = await caller.reply(hostile, timeout=60)  # answered, through the kill and the drop
         assert refused["error"]["message"] == "property correlation_id is not valid UTF-8"
+        # Nothing loops: the request queue empties (the forged request is dropped, the full queue's are parked).
+        await wait_until(lambda: queue_depth(vhost, "embed.requests"), 0, timeout=60)
+        in_full = set()
+        while (message := await full.get(fail=False, no_ack=True)) is not None:
+            in_full.add(message.correlation_id or "")
+    await learner.close()
     for _ in range(200):  # the deferred lane drains on its 0.5 s interval, through the kill and the drop
         if await redis.exists(*(k for k, _ in deferred)) == len(deferred):
             break
@@ -122,6 +138,8 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
     assert b"wrong type" in deferred_parked.body and "WRONGTYPE" in deferred_parked.headers["x-embed-error"]
     await redis.aclose()
     parked = await _drain_dlq(vhost)
+    assert set(full_cids) <= in_full | parked, "a request whose reply the broker refused was lost"
+    assert len(in_full) == 1
     unanswered = set(cids) - set(replies)
     assert unanswered <= parked, f"lost {len(unanswered - parked)} requests"
     errored = {c for c, r in replies.items() if "error" in r}
