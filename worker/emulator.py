@@ -104,6 +104,7 @@ class EmulatorState:
     batch_delay_s: float = 0.0  # how long a Batch API job stays pending
     batch_fail_next: int = 0  # that many next jobs end BATCH_STATE_FAILED
     batch_texts: int = 0
+    batch_reads: int = 0  # reads of a known job (batches.get)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def stats(self) -> dict[str, Any]:
@@ -116,6 +117,7 @@ class EmulatorState:
             "rejected": self.rejected,
             "batch_jobs": len(self.jobs),
             "batch_texts": self.batch_texts,
+            "batch_reads": self.batch_reads,
             "call_bytes": self.call_bytes,
             "call_times": self.call_times,
         }
@@ -129,7 +131,7 @@ class EmulatorState:
         self.configs = Counter()
         self.call_configs = []
         self.jobs = {}
-        self.batch_texts = 0
+        self.batch_texts = self.batch_reads = 0
         self.batch_delay_s = 0.0
         self.batch_fail_next = 0
         self.faults = []
@@ -257,6 +259,8 @@ class Emulator:
                     return 200, self._create_job(batch.group("model"), orjson.loads(body))
                 if method == "GET" and "id" in batch.groupdict():
                     return 200, self._read_job(batch.group("id"))
+                if method == "DELETE" and "id" in batch.groupdict():
+                    return 200, self._delete_job(batch.group("id"))
             except ApiError as exc:
                 return exc.status, _error_body(exc)
             except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError) as exc:
@@ -325,6 +329,8 @@ class Emulator:
         return {"embeddings": [{"values": row} for row in rows]}
 
     # ---------------------------------------------------------------- Batch API (asynchronous jobs)
+    # POST {model}:asyncBatchEmbedContent creates a job, GET batches/{id} reads it, DELETE batches/{id} forgets it
+    # (the API's batches.delete: the job reads as 404 NOT_FOUND from then on).
     def _create_job(self, model: str, body: dict[str, Any]) -> bytes:
         if model not in limits.MODELS:
             raise ApiError(404, f"models/{model} is not found for API version v1beta")
@@ -348,10 +354,17 @@ class Emulator:
         job = self.state.jobs.get(job_id)
         if job is None:
             raise ApiError(404, f"batches/{job_id} not found")
+        self.state.batch_reads += 1
         if job.output is None and not job.fail and time.monotonic() >= job.ready_at:
             job.output = [self._one_job_item(job.model, request) for request in job.requests]
             self.state.batch_texts += sum(1 for item in job.output if "response" in item)
         return orjson.dumps(self._job_body(job), option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _delete_job(self, job_id: str) -> bytes:
+        """``batches.delete``: the API forgets the job (it reads as 404 from then on) and answers an empty object."""
+        if self.state.jobs.pop(job_id, None) is None:
+            raise ApiError(404, f"batches/{job_id} not found")
+        return b"{}"
 
     def _one_job_item(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
         """Each request of a job succeeds or fails on its own, as in the real Batch API."""

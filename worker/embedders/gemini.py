@@ -6,8 +6,9 @@ connection errors on its own and would hide them from our retry budget and metri
 The SDK itself does not retry by default (``HttpOptions.retry_options`` is unset), which we keep:
 retries, backoff and rate limiting live in ``worker.upstream``.
 
-Two call paths, same endpoint, same URL, headers and error type (the SDK's ``APIError``):
-- ``fast_path=True`` (default) builds the ``batchEmbedContents`` body itself and posts it through our httpx
+Two call paths, same endpoint, same URL, headers and error type (the SDK's ``APIError``), and the same request:
+both send what ``embedders.request.build_request`` built (so does the Batch API path, ``gemini_batch.py``).
+- ``fast_path=True`` (default) posts the request's ``batchEmbedContents`` body (orjson) through our httpx
   client to the URL the SDK would use, with the SDK's own headers (API key, client identification), reading
   both from the SDK's client; a non-200 answer goes through the SDK's ``APIError.raise_for_async_response``.
   The response is parsed with orjson straight into one float32 array. Measured why: the public method's
@@ -34,7 +35,8 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from pydantic import SecretStr
 
-from worker import inputs, limits
+from worker import limits
+from worker.embedders.request import EmbedRequest, build_request
 from worker.errors import CredentialError, RateLimited, UpstreamError, UpstreamInvalidInput
 from worker.inputs import EmbedInput
 from worker.messages import EmbedConfig
@@ -54,10 +56,12 @@ class GeminiEmbedder:
         timeout_s: float = 30.0,
         max_connections: int = 32,
         fast_path: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,  # httpx's seam, for tests that look at the wire
     ):
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
         )
         options = types.HttpOptions(
             base_url=base_url,
@@ -72,12 +76,12 @@ class GeminiEmbedder:
     async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
         if len(texts) > limits.MAX_TEXTS_PER_CALL:
             raise ValueError(f"{len(texts)} inputs in one call; the API takes {limits.MAX_TEXTS_PER_CALL}")
-        prepared = [inputs.with_task(item, config.model, config.task_type) for item in texts]
+        request = build_request(config, texts)
         try:
             if self.fast_path:
-                vectors = await self._embed_fast(prepared, config)
+                vectors = await self._embed_fast(request)
             else:
-                vectors = await self._embed_public(prepared, config)
+                vectors = await self._embed_public(request)
         except genai_errors.APIError as exc:
             raise map_api_error(exc) from None
         except httpx.TimeoutException as exc:
@@ -95,33 +99,20 @@ class GeminiEmbedder:
             normalise(vectors)
         return vectors
 
-    async def _embed_public(self, items: list[EmbedInput], config: EmbedConfig) -> FloatArray:
-        embed_config = types.EmbedContentConfig(
-            task_type=inputs.api_task_type(config.model, config.task_type),
-            output_dimensionality=config.output_dimensionality,
-        )
-        # One Content per input, always: given a list of strings (or parts), the SDK merges them into ONE content
-        # for a multimodal model and returns one embedding (google-genai's t_contents; its own test
-        # test_gemini_embedding_2_content_combination asserts exactly that).
-        contents: list[Any] = [_sdk_content(item) for item in items]
+    async def _embed_public(self, request: EmbedRequest) -> FloatArray:
+        contents: list[Any] = request.sdk_contents()  # one Content per input (see embedders/request.py)
         response = await self._client.aio.models.embed_content(
-            model=config.model, contents=contents, config=embed_config
+            model=request.model, contents=contents, config=request.sdk_config()
         )
         return np.array([e.values for e in response.embeddings or []], dtype=np.float32)
 
-    async def _embed_fast(self, items: list[EmbedInput], config: EmbedConfig) -> FloatArray:
+    async def _embed_fast(self, request: EmbedRequest) -> FloatArray:
         """POST {base}/{version}/models/{model}:batchEmbedContents, as the SDK's public method does."""
         assert self._route is not None
         base, headers = self._route
-        model = f"models/{config.model}"
-        extra: dict[str, Any] = {}
-        if task_type := inputs.api_task_type(config.model, config.task_type):
-            extra["taskType"] = task_type
-        if config.output_dimensionality:
-            extra["outputDimensionality"] = config.output_dimensionality
-        body = {"requests": [{"model": model, "content": {"parts": inputs.rest_parts(t)}, **extra} for t in items]}
+        body = orjson.dumps({"requests": request.rest_requests()})
         response = await self._http.post(
-            f"{base}{model}:batchEmbedContents", content=orjson.dumps(body), headers=headers
+            f"{base}models/{request.model}:batchEmbedContents", content=body, headers=headers
         )
         if response.status_code != 200:
             await genai_errors.APIError.raise_for_async_response(response)
@@ -145,20 +136,6 @@ def _fast_route(client: genai.Client) -> tuple[str, dict[str, str]] | None:
         return None  # another kind of credentials (Vertex): let the SDK sign its own requests
     headers["Content-Type"] = "application/json"
     return f"{base_url.rstrip('/')}/{version}/", headers
-
-
-def _sdk_content(item: EmbedInput) -> types.Content:
-    if isinstance(item, str):
-        return types.Content(parts=[types.Part(text=item)])
-    parts = []
-    for part in item.parts:
-        if part.text is not None:
-            parts.append(types.Part(text=part.text))
-        elif part.data is not None:
-            parts.append(types.Part.from_bytes(data=part.data, mime_type=part.mime_type or ""))
-        else:
-            parts.append(types.Part.from_uri(file_uri=part.file_uri or "", mime_type=part.mime_type))
-    return types.Content(parts=parts)
 
 
 # google.rpc.ErrorInfo reasons that blame the key or the project, never the input. Gemini answers a wrong key
