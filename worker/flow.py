@@ -12,57 +12,111 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 
 log = logging.getLogger(__name__)
 
 
+def call_rule(calls: float, window: float) -> tuple[int, float]:
+    """A budget of ``calls`` per ``window`` (any positive number) as whole calls per window that never exceed its
+    rate: from one call up, ``floor(calls)`` per ``window`` (2.5 per minute: 2 per minute; no rolling window ever
+    holds more than the budget); below one call, one call per ``window / calls`` (half a call per 2 s: one per 4 s).
+    0 = no limit. ``redis_quota`` applies the same rule to the fleet's budget."""
+    if calls <= 0:
+        return 0, window
+    if calls < 1:
+        return 1, window / calls
+    return math.floor(calls), window
+
+
 class SlidingWindow:
     """The calls of the last ``window`` seconds and their tokens, exactly. A token bucket that starts full lets
-    nearly twice its budget through in its first window; this log never lets any rolling window hold more."""
+    nearly twice its budget through in its first window; this log never lets any rolling window hold more.
+    Call budgets follow ``call_rule``; a call larger than the whole token budget counts as the whole budget (it waits
+    for an empty window instead of forever)."""
 
-    def __init__(self, calls: float, tokens: float, window: float):
-        self.calls = calls  # 0 = no limit
+    def __init__(
+        self, calls: float, tokens: float, window: float, *, on_error: Callable[[], None] | None = None
+    ) -> None:
+        self.calls, self.calls_window = call_rule(calls, window)  # 0 = no limit
         self.tokens = tokens  # 0 = no limit
         self.window = window
-        self._log: deque[tuple[float, int]] = deque()  # (time, tokens), oldest first
-        self._used = 0
+        self.horizon = max(window, self.calls_window)  # how long a call stays in the log
+        self._on_error = on_error
+        self._log: deque[tuple[float, float]] = deque()  # (time, tokens), oldest first
+        self._used = 0.0  # tokens in the log
 
-    def clamp(self, tokens: int) -> int:
-        """A single call larger than the whole token budget counts as the whole budget (it waits for an empty
-        window instead of forever)."""
-        return min(tokens, int(self.tokens)) if self.tokens else tokens
+    def clamp(self, tokens: float) -> float:
+        return min(tokens, self.tokens) if self.tokens else tokens
 
-    def wait_time(self, now: float, tokens: int) -> float:
-        """Seconds until one more call of ``tokens`` fits; 0 if it fits now."""
-        log = self._log
-        while log and log[0][0] <= now - self.window:
-            self._used -= log.popleft()[1]
+    def wait_time(self, now: float, tokens: float) -> float:
+        """Seconds until one more call of ``tokens`` fits; 0 if it fits now. Never raises: after an internal error
+        the log starts afresh once every call it held has left (``horizon`` seconds), so the budget still holds."""
+        try:
+            return self._wait_time(now, tokens)
+        except Exception:
+            log.exception("rate limit: internal error; the window starts afresh in %.1fs", self.horizon)
+            if self._on_error is not None:
+                self._on_error()
+            self._log.clear()
+            self._used = 0.0
+            return self.horizon
+
+    def _wait_time(self, now: float, tokens: float) -> float:
+        entries = self._log
+        while entries and entries[0][0] <= now - self.horizon:
+            self._used -= entries.popleft()[1]
+        if not entries:
+            self._used = 0.0  # no float drift carried into the next window
+        return max(0.0, self._calls_wait(now), self._tokens_wait(now, tokens))
+
+    def _calls_wait(self, now: float) -> float:
+        """Every call in the log is within ``calls_window`` (the horizon, when calls are limited)."""
+        if not self.calls or len(self._log) < self.calls:
+            return 0.0
+        return self._log[len(self._log) - self.calls][0] + self.calls_window - now  # until enough have left
+
+    def _tokens_wait(self, now: float, tokens: float) -> float:
+        if not self.tokens:
+            return 0.0
+        older = 0  # calls in the log but out of the token window (the horizon is longer when calls < 1)
+        used = self._used
+        for stamp, spent in self._log:
+            if stamp > now - self.window:
+                break
+            used -= spent
+            older += 1
+        excess = used + self.clamp(tokens) - self.tokens
         wait = 0.0
-        if self.calls and len(log) >= self.calls:  # fits once the (len - calls + 1) oldest have left the window
-            wait = log[len(log) - int(self.calls)][0] + self.window - now
-        tokens = self.clamp(tokens)
-        if self.tokens and self._used + tokens > self.tokens:
-            excess = self._used + tokens - self.tokens
-            for stamp, spent in log:  # the oldest calls must leave until the excess has
-                excess -= spent
-                if excess <= 0:
-                    wait = max(wait, stamp + self.window - now)
-                    break
-        return max(0.0, wait)
+        for stamp, spent in itertools.islice(self._log, older, None):  # the oldest must leave until the excess has
+            if excess <= 0:
+                break
+            excess -= spent
+            wait = stamp + self.window - now
+        return wait
 
-    def record(self, now: float, tokens: int) -> None:
+    def record(self, now: float, tokens: float) -> None:
         tokens = self.clamp(tokens)
         self._log.append((now, tokens))
         self._used += tokens
 
+    def seed(self, calls: Iterable[tuple[float, float]]) -> None:
+        """Calls made before this log existed (``(time, tokens)``), so that a window straddling its start counts
+        them too."""
+        merged = sorted([*self._log, *((at, self.clamp(tokens)) for at, tokens in calls)])
+        self._log = deque(merged)
+        self._used = sum(tokens for _, tokens in merged)
+
 
 class RateLimiter:
-    """``ports.Limiter`` for one process: UPSTREAM_RPM/UPSTREAM_TPM over a sliding window, and the API's cool-downs."""
+    """``ports.Limiter`` for one process: UPSTREAM_RPM/UPSTREAM_TPM over a sliding window, and the API's cool-downs.
+    ``on_error`` is told of each internal error (logged, and survived: see ``SlidingWindow.wait_time``)."""
 
     def __init__(
         self,
@@ -72,9 +126,12 @@ class RateLimiter:
         window: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_error: Callable[[], None] | None = None,
     ):
         limited = requests_per_window > 0 or tokens_per_window > 0
-        self._window = SlidingWindow(requests_per_window, tokens_per_window, window) if limited else None
+        self._window = (
+            SlidingWindow(requests_per_window, tokens_per_window, window, on_error=on_error) if limited else None
+        )
         self._clock = clock
         self._sleep = sleep
         self._lock = asyncio.Lock()

@@ -23,6 +23,7 @@ from worker.messages import EmbedConfig
 from worker.metrics import Metrics
 from worker.ports import BatchEmbedder, CacheUnavailable, VectorCache
 from worker.upstream import Outcome
+from worker.vectors import FloatArray
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,21 @@ SKIP_CACHE_AFTER_FAILURE_S = 5.0
 
 
 def cache_key(prefix: str, config: EmbedConfig, item: EmbedInput) -> str:
+    """The key of an input's vector. The model is a checked name and the task type one of ``limits.TASK_TYPES``, so
+    the identity is unambiguous; so is ``inputs.fingerprint``, whose encoding version is in its tag: keys of parts
+    inputs changed with version 2 (``inputs.CONTENT_FINGERPRINT_TAG``: entries written under the first encoding are
+    never read); keys of texts never changed (their entries stay valid)."""
     identity = f"{config.model}\0{config.task_type or ''}\0{config.dimensions}\0".encode()
     digest = hashlib.blake2b(identity + inputs.fingerprint(item), digest_size=20).hexdigest()
     return f"{prefix}cache:{digest}"
+
+
+def _vector(value: bytes | None, dimensions: int) -> FloatArray | None:
+    """A cached value as a vector, if it is one: ``dimensions`` float32, all finite. Anything else is a miss."""
+    if value is None or len(value) != dimensions * 4:
+        return None
+    vector = np.frombuffer(value, dtype="<f4")
+    return vector if bool(np.isfinite(vector).all()) else None
 
 
 class Frugal:
@@ -69,11 +82,11 @@ class Frugal:
         except CacheUnavailable as exc:
             self._cache_failed(exc)
             return {}
-        size = config.dimensions * 4
         hits: dict[EmbedInput, Outcome] = {}
         for text, value in zip(unique, values, strict=True):
-            if value is not None and len(value) == size:
-                hits[text] = np.frombuffer(value, dtype="<f4")
+            vector = _vector(value, config.dimensions)
+            if vector is not None:
+                hits[text] = vector
         self._metrics.cache_hits.inc(len(hits))
         self._metrics.cache_misses.inc(len(unique) - len(hits))
         self._metrics.cache_tokens_saved.inc(sum(inputs.tokens(t) for t in hits))

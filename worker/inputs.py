@@ -281,16 +281,29 @@ def seed_parts(item: EmbedInput) -> list[tuple[str, str, bytes]]:
     return out
 
 
+# A parts input's fingerprint starts with this tag: "c" for content, "2" for its encoding (length-prefixed fields;
+# the first joined them with markers, and a text holding the markers collided with the parts it spelled out).
+CONTENT_FINGERPRINT_TAG = b"c2"
+
+
 def fingerprint(item: EmbedInput) -> bytes:
-    """Everything that decides the vector of an input, as bytes: the text, or every part with its bytes."""
+    """Everything that decides the vector of an input, as bytes, different for any two different inputs: "t" and
+    the text (one string: unambiguous as it is, and unchanged since the first version), or ``CONTENT_FINGERPRINT_TAG``
+    and a hash of every part, each field length-prefixed."""
     if isinstance(item, str):
         return b"t" + item.encode("utf-8", "surrogatepass")
     digest = hashlib.blake2b(digest_size=32)
+    digest.update(struct.pack(">Q", len(item.parts)))
     for part in item.parts:
-        if part.text is not None:
-            digest.update(b"\x00t" + part.text.encode("utf-8", "surrogatepass"))
-        elif part.data is not None:
-            digest.update(b"\x00d" + (part.mime_type or "").encode() + b"\x00" + part.data)
-        else:
-            digest.update(b"\x00f" + (part.mime_type or "").encode() + b"\x00" + (part.file_uri or "").encode())
-    return b"c" + digest.digest()
+        for field_ in _part_fields(part):
+            digest.update(struct.pack(">Q", len(field_)) + field_)
+    return CONTENT_FINGERPRINT_TAG + digest.digest()
+
+
+def _part_fields(part: Part) -> tuple[bytes, ...]:
+    if part.text is not None:
+        return b"t", part.text.encode("utf-8", "surrogatepass")
+    mime = (part.mime_type or "").encode("utf-8", "surrogatepass")
+    if part.data is not None:
+        return b"d", mime, part.data
+    return b"f", mime, (part.file_uri or "").encode("utf-8", "surrogatepass")

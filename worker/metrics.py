@@ -79,6 +79,11 @@ class Metrics:
         self.ratelimit_wait = Counter(
             "embed_ratelimit_wait_seconds", "Seconds upstream calls waited for the fleet's budget", registry=r
         )
+        self.ratelimit_errors = Counter(
+            "embed_ratelimit_errors",
+            "Rate limiter failures survived: Redis unreachable or refusing, unreadable replies, internal errors",
+            registry=r,
+        )
         self.ratelimit_fallback = Gauge(
             "embed_ratelimit_fallback", "1 while Redis is away and this process keeps to its share", registry=r
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Literal
 from urllib.parse import urlsplit
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 DIRECT_REPLY_TO_ONLY = r"amq\.rabbitmq\.reply-to(\..+)?"
 DEFAULT_REPLY_TO = DIRECT_REPLY_TO_ONLY + r"|amq\.gen-[A-Za-z0-9_\-]+"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Bounds of a sensible API budget: Gemini's longest limit is per day, and a budget allowing less than one call an
+# hour is an outage, not a budget.
+MAX_WINDOW_S = 86_400.0
+MAX_CALL_SPACING_S = 3_600.0
 
 
 class Settings(BaseSettings):
@@ -206,13 +211,35 @@ class Settings(BaseSettings):
             given = hostport.rpartition("]")[2].partition(":")[2]
             raise ValueError(f"port {given!r} in {shown} is not a number from 1 to 65535")
 
+    @field_validator("upstream_rpm", "upstream_tpm", "upstream_window_s")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number (UPSTREAM_RPM=0 or UPSTREAM_TPM=0 is no limit)")
+        return value
+
+    @model_validator(mode="after")
+    def _sensible_budget(self) -> Settings:
+        """A fractional UPSTREAM_RPM is accepted (``flow.call_rule``: 2.5 admits 2 calls per window, 0.5 one call per
+        two windows); budgets that could not admit one call an hour, or not one token, are refused."""
+        if self.upstream_window_s > MAX_WINDOW_S:
+            raise ValueError(f"UPSTREAM_WINDOW_S={self.upstream_window_s:g} is longer than a day ({MAX_WINDOW_S:g}s)")
+        if self.upstream_rpm and self.upstream_window_s / self.upstream_rpm > MAX_CALL_SPACING_S:
+            raise ValueError(
+                f"UPSTREAM_RPM={self.upstream_rpm:g} per {self.upstream_window_s:g}s allows one call every "
+                f"{self.upstream_window_s / self.upstream_rpm:.0f}s (at most {MAX_CALL_SPACING_S:g}s makes sense; "
+                "0 = no limit)"
+            )
+        if 0 < self.upstream_tpm < 1:
+            raise ValueError(f"UPSTREAM_TPM={self.upstream_tpm:g} is less than one token (0 = no limit)")
+        return self
+
     @model_validator(mode="after")
     def _frugality_needs_redis(self) -> Settings:
-        if self.redis_url is None:
-            if self.upstream_limit_scope == "fleet":
-                raise ValueError("UPSTREAM_LIMIT_SCOPE=fleet shares the budget through Redis: set REDIS_URL")
-            if self.cache_ttl_s > 0:
-                raise ValueError("CACHE_TTL_S turns on the embedding cache in Redis: set REDIS_URL")
+        if self.redis_url is None and self.upstream_limit_scope == "fleet":
+            raise ValueError("UPSTREAM_LIMIT_SCOPE=fleet shares the budget through Redis: set REDIS_URL")
+        if self.cache_redis is None and self.cache_ttl_s > 0:
+            raise ValueError("CACHE_TTL_S turns on the embedding cache in Redis: set CACHE_REDIS_URL or REDIS_URL")
         return self
 
     @model_validator(mode="after")

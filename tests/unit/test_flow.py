@@ -127,3 +127,123 @@ async def test_breaker_opens_after_threshold_probes_and_closes_on_success() -> N
     assert events == ["open", "close", "open"] and breaker.cooldown == pytest.approx(0.02)
     breaker.success()
     assert events[-1] == "close" and breaker.cooldown == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------- fractional budgets (issue 17, item 1)
+def most_in_any_window(times: list[float], window: float) -> int:
+    """The most of ``times`` in any half-open window ``[t, t + window)`` (1 ms of float slack)."""
+    return max((sum(1 for u in times if t <= u < t + window - 1e-3) for t in times), default=0)
+
+
+async def limited(limiter: RateLimiter, t: FakeTime, calls: int, tokens: int = 1) -> list[float]:
+    admitted = []
+    for _ in range(calls):
+        await limiter.acquire(tokens)
+        admitted.append(t.now)
+    return admitted
+
+
+async def test_a_budget_below_one_call_admits_one_call_per_stretched_window() -> None:
+    """Half a call per 2 s (a fleet's 10 shared by 20 workers) is one call per 4 s: the same rate, never a crash."""
+    t = FakeTime()
+    limiter = RateLimiter(0.5, window=2, clock=t.clock, sleep=t.sleep)
+    assert await limited(limiter, t, 3) == [0, pytest.approx(4), pytest.approx(8)]
+
+
+async def test_a_fractional_budget_above_one_keeps_every_window_within_it() -> None:
+    """2.5 calls per 60 s: never 3 in a window (the fraction is given up, never overshot)."""
+    t = FakeTime()
+    limiter = RateLimiter(2.5, window=60, clock=t.clock, sleep=t.sleep)
+    admitted = await limited(limiter, t, 5)
+    assert most_in_any_window(admitted, 60) == 2 and admitted[-1] == pytest.approx(120)
+
+
+async def test_a_token_budget_below_one_call_still_limits() -> None:
+    """A share of half a token per window (TPM 10 over 20 workers): each call counts as the whole budget and waits
+    for an empty window, instead of counting as nothing."""
+    t = FakeTime()
+    limiter = RateLimiter(0, 0.5, window=2, clock=t.clock, sleep=t.sleep)
+    assert await limited(limiter, t, 3, tokens=10) == [0, pytest.approx(2), pytest.approx(4)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls=st.one_of(st.just(0.0), st.floats(0.05, 8)),
+    budget=st.one_of(st.just(0.0), st.floats(0.5, 400)),
+    arrivals=st.lists(st.tuples(st.floats(0, 5), st.integers(1, 500)), min_size=1, max_size=30),
+)
+def test_fractional_budgets_hold_in_every_window(
+    calls: float, budget: float, arrivals: list[tuple[float, int]]
+) -> None:
+    """At most floor(calls) calls in any window from one call up; below one, at most one call in any window of
+    ``window / calls``; at most ``budget`` tokens in any window (a call counts as at most the whole budget)."""
+
+    async def run() -> None:
+        t = FakeTime()
+        limiter = RateLimiter(calls, budget, window=10, clock=t.clock, sleep=t.sleep)
+        admitted: list[tuple[float, float]] = []
+        for gap, tokens in arrivals:
+            t.now += gap
+            await limiter.acquire(tokens)
+            admitted.append((t.now, min(tokens, budget) if budget else tokens))
+        times = [at for at, _ in admitted]
+        if calls >= 1:
+            assert most_in_any_window(times, 10) <= int(calls)
+        elif calls > 0:
+            assert most_in_any_window(times, 10 / calls) <= 1
+        if budget:
+            for start in times:
+                assert sum(k for at, k in admitted if start <= at < start + 10 - 1e-3) <= budget + 1e-6
+        longest = max(10.0, 10 / calls if calls else 0.0)
+        assert t.now <= sum(g for g, _ in arrivals) + longest * len(arrivals)  # nobody waits forever
+
+    asyncio.run(run())
+
+
+async def test_an_internal_failure_never_reaches_the_caller(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the window's arithmetic is logged and counted; the window starts afresh once every call it held has
+    left (so the budget still holds), and the call goes ahead."""
+    t = FakeTime()
+    errors: list[None] = []
+    limiter = RateLimiter(2, window=10, clock=t.clock, sleep=t.sleep, on_error=lambda: errors.append(None))
+    await limiter.acquire(1)
+    from worker.flow import SlidingWindow
+
+    def broken(self: SlidingWindow, now: float, tokens: float) -> float:
+        monkeypatch.undo()  # fails once
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(SlidingWindow, "_wait_time", broken)
+    await limiter.acquire(1)
+    assert t.sleeps == [pytest.approx(10)] and len(errors) == 1
+    assert "rate limit" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+# ---------------------------------------------------------------- budget settings are checked at start
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"upstream_rpm": float("inf")}, "finite"),
+        ({"upstream_tpm": float("inf")}, "finite"),
+        ({"upstream_window_s": float("inf")}, "finite"),
+        ({"upstream_window_s": 100_000}, "UPSTREAM_WINDOW_S"),
+        ({"upstream_tpm": 0.5}, "UPSTREAM_TPM"),
+        ({"upstream_rpm": 0.001}, "UPSTREAM_RPM"),  # one call every 16 hours: an outage, not a budget
+    ],
+)
+def test_budgets_that_make_no_sense_are_refused_at_start(overrides: dict[str, float], message: str) -> None:
+    from pydantic import ValidationError
+
+    from worker.settings import Settings
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(_env_file=None, embed_backend="emulator", **overrides)  # type: ignore[call-arg, arg-type]
+
+
+def test_fractional_budgets_are_accepted() -> None:
+    from worker.settings import Settings
+
+    for rpm in (2.5, 0.5):
+        assert Settings(_env_file=None, embed_backend="emulator", upstream_rpm=rpm).upstream_rpm == rpm  # type: ignore[call-arg]

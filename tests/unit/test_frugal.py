@@ -66,3 +66,17 @@ async def test_a_failing_cache_is_skipped_and_never_fails_a_request() -> None:
     assert right(await layer.embed(["x"], CFG), ["x"])
     assert right(await layer.embed(["x"], CFG), ["x"])  # no second read while skipping: the cache is left alone
     assert cache.reads == 1 and len(embedder.calls) == 2 and metrics.cache_errors._value.get() == 1
+
+
+async def test_a_cached_value_that_is_not_finite_is_a_miss() -> None:
+    """A value of the right length holding NaN or infinity (corrupted, or written by someone else) is never served."""
+    cache = MemoryCache()
+    layer, embedder, metrics = frugal(cache)
+    for text, bad in (("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)):
+        vector = expected_vector(text, model=CFG.model, task_type=CFG.task_type, dims=256, full_dims=3072)
+        vector[7] = bad
+        cache.data[cache_key("t:", CFG, text)] = np.asarray(vector, dtype="<f4").tobytes()
+    texts = ["nan", "inf", "-inf"]
+    assert right(await layer.embed(texts, CFG), texts)
+    assert [sent for sent, _ in embedder.calls] == [texts]
+    assert metrics.cache_hits._value.get() == 0 and metrics.cache_misses._value.get() == 3
