@@ -18,6 +18,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
+import redis
 
 from worker.app import run_worker
 from worker.emulator import EmulatorState, EmulatorThread
@@ -253,3 +255,63 @@ async def start_worker(vhost: str, emulator: EmulatorThread) -> AsyncIterator[Ca
     for worker in running:
         if not worker.task.done():
             await worker.shutdown()
+
+
+# ---------------------------------------------------------------------- Redis servers of a test's own
+@dataclass
+class OwnRedis:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self, *args: Any) -> Any:
+        """One command on this server, from the test (CONFIG SET, REPLICAOF: this server is ours to flip)."""
+        with redis.Redis(port=self.port) as client:
+            return client.execute_command(*args)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with redis.Redis(port=port, socket_timeout=0.5, socket_connect_timeout=0.5) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Callable[..., OwnRedis]]:
+    """Start redis-servers of this test's own (extra arguments as on the command line); all stopped after it."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed here")  # .ci/run installs it
+    started: list[OwnRedis] = []
+
+    def start(*args: str) -> OwnRedis:
+        port = _free_port()
+        command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        process = subprocess.Popen([*command, "--daemonize", "no", *args], stdout=subprocess.DEVNULL)
+        server = OwnRedis(port, process)
+        started.append(server)
+        deadline = time.monotonic() + 10
+        while not _redis_answers(port):  # a new server offers no "ready" event but its answer
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server {' '.join(args)} did not start")
+            time.sleep(0.02)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,26 +46,61 @@ class FakeEmbedder:
 
 
 class MemoryStore:
-    """``ports.VectorStore`` in a dict, with Redis's rule that matters here: a key holding another type (a string,
-    a list) refuses hash commands with WRONGTYPE, for that key only."""
+    """``ports.VectorStore`` in a dict, with Redis's rules that matter here: a key
+    holding another type (a string, a list) refuses hash commands with WRONGTYPE, for that key only; a write carrying
+    an older sequence than the key's ``embedding_seq`` leaves the key alone.
+
+    Faults: ``down`` (nothing answers), ``refusing`` (Redis answers reads but takes no writes: full under
+    noeviction, or a read-only replica; the reason is what the store says), ``refuse_writes`` (that many next
+    writes refused as by a Redis that ran out of memory during the round, while probes still pass)."""
 
     def __init__(self) -> None:
         self.data: dict[str, Any] = {}  # key -> dict of fields (a hash), or anything else (another type)
         self.jobs_hash: dict[str, bytes] = {}
         self.down = False
+        self.refusing: str | None = None
+        self.refuse_writes = 0
+        self.probes = 0  # writability probes answered, refused or not
+        self.called = asyncio.Event()  # set by every call (none awaits inside): what ``until`` waits on
+        self._clock = itertools.count(1)
+
+    async def until(self, condition: Callable[[], bool], timeout: float = 5) -> None:
+        """Return once ``condition`` holds, checked after every call on the store; TimeoutError past ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self.called.clear()
+                if condition():
+                    return
+                await self.called.wait()
 
     def _check(self) -> None:
+        self.called.set()
         if self.down:
             raise StoreUnavailable("redis is down")
 
-    async def write(self, entries: Sequence[StoredVector]) -> list[str | None]:
+    def _check_write(self) -> None:
         self._check()
-        return [self._hset(e) for e in entries]
+        if self.refusing:
+            raise StoreUnavailable(self.refusing)
+        if self.refuse_writes:
+            self.refuse_writes -= 1
+            raise StoreUnavailable("redis refused the write: OutOfMemoryError: command not allowed")
 
-    def _hset(self, e: StoredVector) -> str | None:
+    async def clock(self) -> int:
+        self._check()
+        return next(self._clock)
+
+    async def write(self, entries: Sequence[StoredVector], seq: int | None = None) -> list[str | None]:
+        self._check_write()
+        return [self._hset(e, seq) for e in entries]
+
+    def _hset(self, e: StoredVector, seq: int | None) -> str | None:
         current = self.data.setdefault(e.key, {})
         if not isinstance(current, dict):
             return "redis refused the write to this key: WRONGTYPE Operation against a key holding the wrong kind"
+        have = current.get("embedding_seq")
+        if seq is not None and isinstance(have, str) and have.isdigit() and int(have) > seq:
+            return None  # a later round's vector stays
         current.update(
             {
                 "embedding": e.vector.astype("<f4").tobytes(),
@@ -72,6 +109,8 @@ class MemoryStore:
                 "embedding_text_hash": e.text_hash,
             }
         )
+        if seq is not None:
+            current["embedding_seq"] = str(seq)
         return None
 
     async def existing(self, keys: Sequence[str]) -> list[Existing]:
@@ -93,23 +132,36 @@ class MemoryStore:
         return out
 
     async def save_job(self, name: str, record: bytes) -> None:
-        self._check()
+        self._check_write()
         self.jobs_hash[name] = record
 
     async def jobs(self) -> dict[str, bytes]:
         self._check()
         return dict(self.jobs_hash)
 
-    async def complete_job(self, name: str, entries: Sequence[StoredVector]) -> list[str | None]:
-        self._check()
+    async def complete_job(
+        self, name: str, entries: Sequence[StoredVector], seq: int | None = None
+    ) -> list[str | None]:
+        self._check_write()
         self.jobs_hash.pop(name, None)
-        return [self._hset(e) for e in entries]
+        return [self._hset(e, seq) for e in entries]
 
     async def drop_job(self, name: str) -> None:
+        self._check_write()
         self.jobs_hash.pop(name, None)
 
+    async def writable(self) -> None:
+        self.probes += 1
+        self._check()
+        if self.refusing:
+            raise StoreUnavailable(self.refusing)
+
     async def ping(self) -> bool:
-        return not self.down
+        try:
+            await self.writable()
+        except StoreUnavailable:
+            return False
+        return True
 
 
 class MemoryCache:

@@ -125,7 +125,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop
         embedder,
         RetryPolicy.from_settings(settings),
         metrics=metrics,
-        rate_limiter=_limiter(settings, stack, metrics),
+        rate_limiter=await _limiter(settings, stack, metrics),
         concurrency=AdaptiveConcurrency(settings.max_concurrent_batches),
         breaker=breaker,
     )
@@ -172,10 +172,15 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop
     return _Running(consumer, service, settler, lane_task)
 
 
-def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics) -> Limiter:
+async def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics) -> Limiter:
     """The API budget: this process's own, or the fleet's through Redis."""
     if settings.upstream_limit_scope == "process" or not (settings.upstream_rpm or settings.upstream_tpm):
-        return RateLimiter(settings.upstream_rpm, settings.upstream_tpm, window=settings.upstream_window_s)
+        return RateLimiter(
+            settings.upstream_rpm,
+            settings.upstream_tpm,
+            window=settings.upstream_window_s,
+            on_error=metrics.ratelimit_errors.inc,
+        )
     assert settings.redis_url is not None  # the settings validator says so
     fleet = FleetLimiter(
         settings.redis_url.get_secret_value(),
@@ -184,8 +189,10 @@ def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metr
         tokens=settings.upstream_tpm,
         window_s=settings.upstream_window_s,
         metrics=metrics,
+        on_error=metrics.ratelimit_errors.inc,
     )
     stack.push_async_callback(fleet.aclose)
+    await fleet.announce()  # declares this worker's budget beside the log; warns if others differ; never raises
     log.info(
         "fleet rate limit: %g calls, %g tokens per %gs",
         settings.upstream_rpm,
@@ -199,14 +206,15 @@ def _frugal(settings: Settings, stack: contextlib.AsyncExitStack, upstream: Upst
     """Duplicate inputs of a call are always sent once; with CACHE_TTL_S, repeated inputs cost no call at all."""
     cache = None
     if settings.cache_ttl_s > 0:
-        assert settings.redis_url is not None
+        assert settings.cache_redis is not None
         cache = RedisVectorCache(
-            settings.redis_url.get_secret_value(),
+            settings.cache_redis.get_secret_value(),
             ttl_s=settings.cache_ttl_s,
             timeout_s=settings.cache_timeout_ms / 1000,
         )
         stack.push_async_callback(cache.aclose)
-        log.info("embedding cache on: entries kept %gs", settings.cache_ttl_s)
+        where = "CACHE_REDIS_URL" if settings.cache_redis_url is not None else "REDIS_URL"
+        log.info("embedding cache on, in %s's Redis: entries kept %gs", where, settings.cache_ttl_s)
     frugal = Frugal(upstream, metrics=metrics, cache=cache, cache_prefix=settings.redis_key_prefix)
     stack.push_async_callback(frugal.close)
     return frugal
@@ -247,8 +255,13 @@ async def _start_lane(
     if settings.redis_url is None or not settings.deferred_enabled:
         return None
     config = DeferredConfig.from_settings(settings)
-    store = RedisVectorStore(settings.redis_url.get_secret_value(), settings.batch_jobs_key)
+    store = RedisVectorStore(
+        settings.redis_url.get_secret_value(),
+        settings.batch_jobs_key,
+        probe_key=f"{settings.redis_key_prefix}store-probe",
+    )
     stack.push_async_callback(store.aclose)
+    await _warn_if_evicting(store)
     queue = AmqpDeferredQueue(connection, settler, publisher, held)
     await queue.open()
     rounds = SyncRounds(
@@ -258,6 +271,9 @@ async def _start_lane(
         max_concurrent=config.max_concurrent,
         skip_unchanged=config.skip_unchanged,
         reserved_prefix=settings.redis_key_prefix,
+        # What a round paid for and Redis refused waits for the retry in memory: at most half the byte budget the
+        # bodies of held messages are bounded by (MAX_HELD_BYTES), on top of it.
+        paid_bytes=settings.max_held_bytes // 2,
         budgets=BatchingConfig.from_settings(settings),
     )
     jobs = None
@@ -294,6 +310,19 @@ async def _start_lane(
         settings.deferred_wake_messages,
     )
     return task
+
+
+async def _warn_if_evicting(store: RedisVectorStore) -> None:
+    """One line at start when REDIS_URL's Redis may evict keys without a TTL: the lane's job records and the hashes
+    it wrote. Silent when Redis does not say (CONFIG and INFO both refused, or no answer)."""
+    policy = await store.eviction_policy()
+    if policy is not None and policy.startswith("allkeys-"):
+        log.warning(
+            "REDIS_URL's Redis has maxmemory-policy %s: when full it evicts any key, Batch API job records and the "
+            "hashes the deferred lane wrote included, and that acked work is lost; give it noeviction (or "
+            "volatile-lru) and an evicting cache a Redis of its own (CACHE_REDIS_URL)",
+            policy,
+        )
 
 
 async def _drain(settings: Settings, running: _Running) -> None:

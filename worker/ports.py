@@ -144,9 +144,13 @@ class Existing:
 
 
 class VectorStore(Protocol):
-    async def write(self, entries: Sequence[StoredVector]) -> list[str | None]:
-        """Write every entry; per entry None, or why that key refused it (e.g. it holds another type).
-        Raises StoreUnavailable when the store as a whole failed."""
+    async def clock(self) -> int:
+        """The store's clock, read once a round has taken its messages: the order (seq) of that round's writes."""
+
+    async def write(self, entries: Sequence[StoredVector], seq: int | None = None) -> list[str | None]:
+        """Write every entry; per entry None, or why that key refused it (e.g. it holds another type). A key that
+        holds a vector of a round with a larger ``seq`` keeps it (None for it). Raises StoreUnavailable when the
+        store as a whole failed."""
 
     async def existing(self, keys: Sequence[str]) -> list[Existing]: ...
 
@@ -154,10 +158,16 @@ class VectorStore(Protocol):
 
     async def jobs(self) -> dict[str, bytes]: ...
 
-    async def complete_job(self, name: str, entries: Sequence[StoredVector]) -> list[str | None]:
-        """The job's vectors and the removal of its record, at once; per entry None or why the key refused it."""
+    async def complete_job(
+        self, name: str, entries: Sequence[StoredVector], seq: int | None = None
+    ) -> list[str | None]:
+        """The job's vectors and the removal of its record, at once, in the order of ``write`` (``seq``: the round
+        that submitted the job); per entry None or why the key refused it."""
 
     async def drop_job(self, name: str) -> None: ...
+
+    async def writable(self) -> None:
+        """Raise StoreUnavailable, saying why, unless the store takes writes now (answering is not enough)."""
 
     async def ping(self) -> bool: ...
 

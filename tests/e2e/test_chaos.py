@@ -1,8 +1,9 @@
 """Chaos: hundreds of requests through a SIGKILL, a broker connection drop and random upstream 503s, with hostile
 callers among them: a correlation_id that is not UTF-8, a caller whose reply queue is full and refuses publishes,
-a request whose reply_to is a forged Direct Reply-to name, and a deferred item whose Redis key holds a string.
-Every request must end answered (with the right vectors, or a retryable error) or parked in the DLQ, the forged
-one dropped without looping, and every deferred item written or parked."""
+a request whose reply_to is a forged Direct Reply-to name, and a deferred item whose Redis key holds a string; the
+deferred lane's Redis (the test's own) runs out of memory for a while. Every request must end answered (with the
+right vectors, or a retryable error) or parked in the DLQ, the forged one dropped without looping, and every
+deferred item written, none parked but the one whose key holds a string."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import Broker
+from tests.conftest import Broker, OwnRedis
 from tests.e2e.processes import WorkerProcess, worker_env
 from tests.integration.helpers import RawCaller, assert_right_vectors, get_one, queue_depth, wait_until
 from tests.integration.test_hostile_input import publish_once
 from tests.integration.test_reply_refusals import forge, own_direct_reply_to_name
+from worker.client import EmbedClient, EmbedClientError
 from worker.emulator import EmulatorState, EmulatorThread
 from worker.vectors import expected_vector
 
@@ -46,11 +48,13 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
     *,
     broker: Broker,
     vhost: str,
-    redis_url: str,
+    own_redis: Any,
     emulator: EmulatorThread,
     emulator_state: EmulatorState,
     processes: list[WorkerProcess],
 ) -> None:
+    store: OwnRedis = own_redis("--maxmemory-policy", "noeviction")
+    redis_url = store.url
     emulator_state.latency_ms = 200  # ~2 s of work per worker pair: the faults land mid-stream
     emulator_state.fail_rate = 0.3
     env = worker_env(
@@ -73,6 +77,7 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
     prefix = f"chaos:{uuid.uuid4().hex[:8]}:"
     redis = aioredis.Redis.from_url(redis_url)
     await redis.set(f"{prefix}string", "a caller's string")
+    store.command("CONFIG", "SET", "maxmemory", "1")  # out of memory: every write refused, until we say
     deferred = [(f"{prefix}{i}", f"deferred chaos {i}") for i in range(20)]
     learner = await aiormq.connect(vhost)
     forged = forge(await own_direct_reply_to_name(learner))
@@ -117,6 +122,11 @@ async def test_nothing_is_lost_through_kills_drops_and_upstream_errors(
                     assert reply["error"]["retryable"] is True, reply
                 else:
                     assert_right_vectors(reply, [text])
+        async with EmbedClient(vhost, timeout=30) as client:  # the lane met the full Redis, and says so
+            with pytest.raises(EmbedClientError) as full_redis:
+                await client.flush()
+            assert full_redis.value.code == "store_unavailable"
+        store.command("CONFIG", "SET", "maxmemory", "0")  # room again: the lane drains on its own
         refused = await caller.reply(hostile, timeout=60)  # answered, through the kill and the drop
         assert refused["error"]["message"] == "property correlation_id is not valid UTF-8"
         # Nothing loops: the request queue empties (the forged request is dropped, the full queue's are parked).

@@ -393,3 +393,40 @@ async def test_callers_cannot_write_into_the_workers_keys_and_the_poller_survive
     parked = await get_one(vhost, "embed.deferred.dlq")
     assert "reserved namespace" in parked.headers["x-embed-error"]
     await seed.aclose()
+
+
+# ---------------------------------------------------------------------- order and task types (issue 17)
+def vector_is(fields: dict[bytes, bytes], text: str, *, dims: int | None, task_type: str) -> bool:
+    got = np.frombuffer(fields[b"embedding"], dtype="<f4")
+    want = expected_vector(text, model="gemini-embedding-001", task_type=task_type, dims=dims, full_dims=3072)
+    return bool(got.shape == want.shape and np.allclose(got, want, atol=1e-6))
+
+
+async def test_the_last_message_for_a_key_wins_across_settings(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str
+) -> None:
+    """Before: the key ended with B@256, writes being grouped by the first sight of each (settings, key) pair."""
+    await start_worker(redis_url=redis_url, **SLOW)
+    async with EmbedClient(vhost, timeout=30) as client:
+        for text, dims in [("A", 128), ("B", 256), ("C", 128)]:
+            await client.defer([(f"{prefix}k", text)], task_type="RETRIEVAL_DOCUMENT", output_dimensionality=dims)
+        assert await client.flush() == 1
+    fields = await stored(redis_url, f"{prefix}k")
+    assert vector_is(fields, "C", dims=128, task_type="RETRIEVAL_DOCUMENT")
+    assert fields[b"embedding_dimensions"] == b"128"
+
+
+async def test_the_same_text_under_another_task_type_is_embedded_again(
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, emulator_state: EmulatorState
+) -> None:
+    """Before: DEFERRED_SKIP_UNCHANGED compared text, model and dimensions only, and skipped it."""
+    await start_worker(redis_url=redis_url, **SLOW)
+    async with EmbedClient(vhost, timeout=30) as client:
+        await client.defer([(f"{prefix}t", "same words")], task_type="RETRIEVAL_DOCUMENT")
+        assert await client.flush() == 1
+        await client.defer([(f"{prefix}t", "same words")], task_type="CLASSIFICATION")
+        assert await client.flush() == 1
+        await client.defer([(f"{prefix}t", "same words")], task_type="CLASSIFICATION")
+        assert await client.flush() == 0  # unchanged now
+    assert emulator_state.texts == 2
+    assert vector_is(await stored(redis_url, f"{prefix}t"), "same words", dims=None, task_type="CLASSIFICATION")

@@ -3,8 +3,11 @@ settler. Each test is one row of the settle tables in ``worker/deferred/rounds.p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,16 +22,18 @@ from worker.amqp.deferred import AmqpDeferredQueue
 from worker.amqp.settle import Settler
 from worker.backoff import Backoff
 from worker.deferred import DeferredConfig
+from worker.deferred.jobs import JobRounds
 from worker.deferred.rounds import SyncRounds, text_hash
 from worker.deferred.scheduler import DeferredLane
 from worker.emulator import BAD_INPUT_MARKER
-from worker.errors import UpstreamError
+from worker.errors import EmbedError, UpstreamError
 from worker.holding import HeldBytes
-from worker.messages import EmbedConfig, RequestLimits
+from worker.messages import EmbedConfig, Reply, RequestLimits
 from worker.metrics import Metrics
+from worker.ports import FlushRequest, JobResult, StoreUnavailable
 from worker.settings import DEFAULT_REPLY_TO
 from worker.upstream import RetryPolicy, UpstreamCaller
-from worker.vectors import expected_vector
+from worker.vectors import FloatArray, expected_vector
 
 LIMITS = RequestLimits("gemini-embedding-001", frozenset({"gemini-embedding-001"}), 1 << 20, 100, 2048)
 CONFIG = DeferredConfig(
@@ -51,6 +56,7 @@ class Lane:
     store: MemoryStore
     embedder: FakeEmbedder
     lane: DeferredLane
+    replies: FakeReplies
 
     def defer(self, items: list[tuple[str, str]], **options: Any) -> None:
         body = {"items": [{"key": k, "text": t} for k, t in items], **options}
@@ -66,34 +72,85 @@ class Lane:
         return np.frombuffer(self.store.data[key]["embedding"], dtype="<f4")
 
 
-def right(vector: np.ndarray, text: str) -> bool:
-    want = expected_vector(text, model="gemini-embedding-001", task_type=None, dims=None, full_dims=3072)
-    return bool(np.allclose(vector, want, atol=1e-6))
+def right(vector: np.ndarray, text: str, *, dims: int | None = None, task_type: str | None = None) -> bool:
+    want = expected_vector(text, model="gemini-embedding-001", task_type=task_type, dims=dims, full_dims=3072)
+    return bool(vector.shape == want.shape and np.allclose(vector, want, atol=1e-6))
 
 
-@pytest.fixture
-async def lane() -> AsyncIterator[Lane]:
+class FakeReplies:
+    """``ports.ReplyPublisher`` for flush answers: each reply lands in ``answers``, to be awaited."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[tuple[str | None, dict[str, Any]]] = asyncio.Queue()
+
+    async def publish_reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
+        await self.answers.put((correlation_id, orjson.loads(reply.body)))
+
+    async def caller_alive(self, reply_to: str) -> bool:
+        return True
+
+    async def answer(self, timeout: float = 5) -> tuple[str | None, dict[str, Any]]:
+        return await asyncio.wait_for(self.answers.get(), timeout)
+
+
+class FakeJobs:
+    """``ports.BatchJobs`` whose jobs finish at once, each text embedded as the emulator would (a bad one rejected)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[list[str]] = []
+        self.reads = 0
+
+    async def submit(self, texts: Sequence[str], config: EmbedConfig, display_name: str) -> str:
+        self.submitted.append(list(texts))
+        return f"batches/{len(self.submitted)}"
+
+    async def result(self, name: str, config: EmbedConfig, count: int) -> JobResult | None:
+        self.reads += 1
+        texts = self.submitted[int(name.rsplit("/", 1)[1]) - 1]
+        outcomes: list[FloatArray | EmbedError] = [
+            EmbedError("rejected") if BAD_INPUT_MARKER in text else (await FakeEmbedder().embed([text], config))[0]
+            for text in texts
+        ]
+        return JobResult(True, "JOB_STATE_SUCCEEDED", outcomes)
+
+
+def make_lane(*, paid_bytes: int = 1 << 20, jobs: FakeJobs | None = None, config: DeferredConfig = CONFIG) -> Lane:
     broker = MemoryBroker(delivery_limit=5)
     metrics = Metrics()
     publisher = MemoryPublisher(broker)
     held = HeldBytes(1 << 30, largest=4 << 20)
     queue = AmqpDeferredQueue(None, Settler(publisher, metrics), publisher, held)  # type: ignore[arg-type]
     channel = queue._channel = broker.channel()  # type: ignore[assignment]  # the seam: aiormq's channel
-    store, embedder = MemoryStore(), FakeEmbedder()
+    store, embedder, replies = MemoryStore(), FakeEmbedder(), FakeReplies()
     upstream = UpstreamCaller(embedder, RetryPolicy(2, Backoff(0.001, 0.002)), metrics=metrics)
     rounds = SyncRounds(
-        store, upstream, batch_max_size=100, max_concurrent=2, skip_unchanged=True, reserved_prefix="embed-worker:"
+        store,
+        upstream,
+        batch_max_size=100,
+        max_concurrent=2,
+        skip_unchanged=True,
+        reserved_prefix="embed-worker:",
+        paid_bytes=paid_bytes,
     )
+    job_rounds = None
+    if jobs is not None:
+        job_rounds = JobRounds(jobs, store, queue, skip_unchanged=True, reserved_prefix="embed-worker:")
     deferred = DeferredLane(
         queue,
         store,
         rounds,
-        None,  # type: ignore[arg-type]  # no flush requests in these tests
+        replies,
         limits=LIMITS,
-        config=CONFIG,
+        config=config,
         reply_to=re.compile(DEFAULT_REPLY_TO),
+        jobs=job_rounds,
     )
-    yield Lane(broker, channel, store, embedder, deferred)
+    return Lane(broker, channel, store, embedder, deferred, replies)
+
+
+@pytest.fixture
+async def lane() -> AsyncIterator[Lane]:
+    yield make_lane()
 
 
 async def drain(lane: Lane) -> int:
@@ -175,3 +232,138 @@ async def test_unchanged_texts_cost_no_call(lane: Lane) -> None:
     }
     lane.defer([("doc:same", "same")])
     assert await drain(lane) == 0 and lane.embedder.calls == [] and lane.channel.unacked == 0
+
+
+# ---------------------------------------------------------------------- issue 17: Redis as people run it
+async def test_the_last_item_of_a_key_wins_across_settings(lane: Lane) -> None:
+    """Before: writes were grouped by the first sight of each (settings, key) pair, so B@256 won over C@128."""
+    lane.defer([("doc:x", "A")], output_dimensionality=128)
+    lane.defer([("doc:x", "B")], output_dimensionality=256)
+    lane.defer([("doc:x", "C")], output_dimensionality=128)
+    assert await drain(lane) == 1
+    assert right(lane.vector_of("doc:x"), "C", dims=128)
+    assert lane.channel.unacked == 0 and not lane.parked()
+
+
+async def test_a_rejected_last_item_falls_back_to_the_one_before_it_in_other_settings(lane: Lane) -> None:
+    lane.defer([("doc:y", "A")], output_dimensionality=128)
+    lane.defer([("doc:y", "B")], output_dimensionality=256)
+    lane.defer([("doc:y", f"C {BAD_INPUT_MARKER}")], output_dimensionality=128)
+    assert await drain(lane) == 1
+    assert right(lane.vector_of("doc:y"), "B", dims=256)  # before: A@128, written after B
+    assert [items for items, _ in lane.parked()] == [[("doc:y", f"C {BAD_INPUT_MARKER}")]]
+
+
+async def test_a_text_under_another_task_type_is_not_skipped_as_unchanged(lane: Lane) -> None:
+    lane.defer([("doc:t", "same words")], task_type="RETRIEVAL_DOCUMENT")
+    assert await drain(lane) == 1
+    lane.defer([("doc:t", "same words")], task_type="CLASSIFICATION")
+    assert await drain(lane) == 1  # before: 0, skipped as unchanged
+    assert right(lane.vector_of("doc:t"), "same words", task_type="CLASSIFICATION")
+    lane.defer([("doc:t", "same words")], task_type="CLASSIFICATION")
+    assert await drain(lane) == 0 and len(lane.embedder.calls) == 2  # now it is unchanged
+
+
+async def test_vectors_already_paid_for_are_written_when_the_store_takes_writes_again(lane: Lane) -> None:
+    """Redis fills up during the round: the round goes back to the queue, nothing is parked, and its vectors wait in
+    memory for the retry instead of being paid for again."""
+    lane.store.refuse_writes = 1
+    lane.defer([("doc:1", "one"), ("doc:2", "two")])
+    with pytest.raises(StoreUnavailable):
+        await drain(lane)
+    assert not lane.parked() and len(lane.broker.queues[topology.DEFERRED_QUEUE]) == 1
+    assert len(lane.embedder.calls) == 1
+    assert await drain(lane) == 2
+    assert right(lane.vector_of("doc:1"), "one") and right(lane.vector_of("doc:2"), "two")
+    assert len(lane.embedder.calls) == 1  # before: 2, the same texts embedded again
+
+
+async def test_vectors_kept_for_a_retry_stay_within_their_budget() -> None:
+    one_vector = 3072 * 4
+    lane = make_lane(paid_bytes=one_vector)
+    lane.store.refuse_writes = 1
+    lane.defer([("doc:1", "one"), ("doc:2", "two"), ("doc:3", "three")])
+    with pytest.raises(StoreUnavailable):
+        await drain(lane)
+    assert await drain(lane) == 3
+    assert [len(texts) for texts, _ in lane.embedder.calls] == [3, 2]  # one vector kept, two paid for again
+
+
+async def test_a_store_that_takes_no_writes_is_not_drained(lane: Lane) -> None:
+    """A read-only replica (or a full Redis) answers reads and PING: nothing is taken, embedded or counted."""
+    lane.store.refusing = "READONLY You can't write against a read only replica."
+    lane.defer([("doc:r", "read only")])
+    with pytest.raises(StoreUnavailable, match="READONLY"):
+        await drain(lane)
+    assert lane.embedder.calls == [] and lane.channel.frames == []  # before: embedded, then refused
+    assert len(lane.broker.queues[topology.DEFERRED_QUEUE]) == 1
+
+
+async def test_no_batch_api_job_is_submitted_while_the_store_takes_no_writes() -> None:
+    """Before: PING passed on a read-only replica, so the lane kept submitting jobs it could never record."""
+    jobs = FakeJobs()
+    lane = make_lane(jobs=jobs)
+    lane.store.refusing = "READONLY You can't write against a read only replica."
+    lane.defer([("doc:j", "via a job")])
+    with pytest.raises(StoreUnavailable):
+        await drain(lane)
+    assert jobs.submitted == []
+    lane.store.refusing = None
+    assert await drain(lane) == 0 and jobs.submitted == [["via a job"]] and len(lane.store.jobs_hash) == 1
+
+
+@contextlib.asynccontextmanager
+async def running(lane: Lane) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(lane.lane.run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+REPLY_TO = "amq.rabbitmq.reply-to.test"
+
+
+async def test_every_flush_is_answered_at_once_while_the_lane_is_paused(lane: Lane) -> None:
+    """Before: the first flush got store_unavailable, the next none at all while Redis stayed down."""
+    lane.store.down = True
+    lane.defer([("doc:p", "paused")])
+    async with running(lane):
+        for cid in ("first", "second", "third"):
+            lane.lane.request_flush(FlushRequest(REPLY_TO, cid))
+            answered, reply = await lane.replies.answer(timeout=2)
+            assert answered == cid and reply["error"]["code"] == "store_unavailable", reply
+            assert reply["error"]["retryable"] is True
+        lane.store.down = False
+        lane.lane.request_flush(FlushRequest(REPLY_TO, "back"))  # probes at once, and drains
+        assert await lane.replies.answer() == ("back", {"flushed": 1})
+    assert right(lane.vector_of("doc:p"), "paused")
+
+
+async def test_the_pause_ends_on_its_own_once_the_store_takes_writes(lane: Lane) -> None:
+    lane.store.refusing = "OOM command not allowed when used memory > 'maxmemory'."
+    lane.defer([("doc:o", "out of memory")])
+    async with running(lane):
+        lane.lane.request_flush(FlushRequest(REPLY_TO, "full"))
+        _, reply = await lane.replies.answer()
+        assert reply["error"]["code"] == "store_unavailable" and "maxmemory" in reply["error"]["message"]
+        lane.store.refusing = None
+        await lane.store.until(lambda: "doc:o" in lane.store.data)
+    assert right(lane.vector_of("doc:o"), "out of memory")
+
+
+async def test_finished_jobs_wait_while_the_store_takes_no_writes() -> None:
+    """Before: each poll read the finished job, failed to write it and, in the meantime, parked its bad items again."""
+    jobs = FakeJobs()
+    lane = make_lane(jobs=jobs, config=dataclasses.replace(CONFIG, batch_api_poll_s=0.01))
+    lane.defer([("doc:a", "fine"), ("doc:b", f"bad {BAD_INPUT_MARKER}")])
+    assert await drain(lane) == 0 and len(lane.store.jobs_hash) == 1
+    lane.store.refusing = "READONLY You can't write against a read only replica."
+    async with running(lane):
+        await lane.store.until(lambda: lane.store.probes >= 5)
+        assert jobs.reads == 0 and not lane.parked()
+        lane.store.refusing = None
+        await lane.store.until(lambda: not lane.store.jobs_hash)
+    assert right(lane.vector_of("doc:a"), "fine")
