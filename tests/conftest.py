@@ -167,6 +167,12 @@ def vhost(broker: Broker) -> Iterator[str]:
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own on a shared Redis."""
+    return f"test:{uuid.uuid4().hex[:8]}:"
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL when a server answers there, otherwise a Redis in Docker (testcontainers)."""
@@ -258,27 +264,44 @@ async def start_worker(vhost: str, emulator: EmulatorThread) -> AsyncIterator[Ca
 
 
 # ---------------------------------------------------------------------- Redis servers of a test's own
-@dataclass
 class OwnRedis:
-    port: int
-    process: subprocess.Popen[bytes]
+    """A redis-server of a test's own (extra arguments as on its command line): its configuration is the test's to
+    flip (CONFIG SET, REPLICAOF), and it can be stopped and started again, empty, on the same port."""
+
+    def __init__(self, *args: str):
+        self.port = free_port()
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def start(self) -> None:
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen([*command, "--daemonize", "no", *self.args], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not _redis_answers(self.port):  # a new server offers no "ready" event but its answer
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server {' '.join(self.args)} did not start")
+            time.sleep(0.02)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
     def command(self, *args: Any) -> Any:
-        """One command on this server, from the test (CONFIG SET, REPLICAOF: this server is ours to flip)."""
-        with redis.Redis(port=self.port) as client:
+        """One command on this server, from the test."""
+        with self.client() as client:
             return client.execute_command(*args)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -300,16 +323,9 @@ def own_redis() -> Iterator[Callable[..., OwnRedis]]:
     started: list[OwnRedis] = []
 
     def start(*args: str) -> OwnRedis:
-        port = _free_port()
-        command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        process = subprocess.Popen([*command, "--daemonize", "no", *args], stdout=subprocess.DEVNULL)
-        server = OwnRedis(port, process)
+        server = OwnRedis(*args)
         started.append(server)
-        deadline = time.monotonic() + 10
-        while not _redis_answers(port):  # a new server offers no "ready" event but its answer
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server {' '.join(args)} did not start")
-            time.sleep(0.02)
+        server.start()
         return server
 
     yield start

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import socket
-import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +20,7 @@ from google import genai
 from google.genai import types
 
 from tests.integration.helpers import get_one, queue_depth, wait_until
+from tests.integration.test_deferred import batch_settings
 from worker import topology
 from worker.client import EmbedClient
 from worker.deferred.jobs import attempts
@@ -41,18 +38,6 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-def batch_settings(redis_url: str, prefix: str) -> dict[str, Any]:
-    """Batch API on, polled every 0.1 s; only flush requests wake the lane."""
-    return {
-        "redis_url": redis_url,
-        "deferred_batch_api": True,
-        "deferred_batch_api_poll_s": 0.1,
-        "redis_key_prefix": f"{prefix}internal:",
-        "deferred_flush_interval_s": 3600,
-        "deferred_wake_messages": 0,
-    }
 
 
 async def eventually(probe: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
@@ -281,28 +266,3 @@ async def test_a_record_lost_while_its_job_runs_is_put_back(lane: Lane, caplog: 
     got = await vectors_of(lane.redis, [k for k, _ in items])
     assert all(np.allclose(v, vector(t), atol=1e-6) for v, (_, t) in zip(got, items, strict=True))
     assert any("put back from the copy" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[str]:
-    """A Redis of our own, whose memory policy the test may set (the shared one is never reconfigured)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed here")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("redis-server exited") from None
-                time.sleep(0.05)  # until it listens
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)

@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,11 +24,6 @@ from worker.vectors import expected_vector
 pytestmark = pytest.mark.integration
 
 SLOW = {"deferred_flush_interval_s": 3600, "deferred_wake_messages": 0}  # only flush requests wake the lane
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test:{uuid.uuid4().hex[:8]}:"
 
 
 async def stored(redis_url: str, key: str) -> dict[bytes, bytes]:

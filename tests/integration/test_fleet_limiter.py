@@ -5,15 +5,11 @@ local share and back, a flushed log, and workers whose budgets differ. Issue 17,
 from __future__ import annotations
 
 import logging
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
-import redis
 
+from tests.conftest import OwnRedis
 from worker import redis_quota
 from worker.metrics import Metrics
 from worker.redis_quota import FleetLimiter
@@ -40,52 +36,10 @@ class FakeTime:
         self.now = max(self.now, when)
 
 
-class PrivateRedis:
-    """A redis-server of this test's own, to stop, start again (empty) and flush."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client().ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=2)
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed here")  # .ci/run installs it
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.stop()
-
-
 class Fleet:
     """Limiters of one fleet on one fake clock, and every call they admit: (limiter's name, time)."""
 
-    def __init__(self, server: PrivateRedis) -> None:
+    def __init__(self, server: OwnRedis) -> None:
         self.server = server
         self.t = FakeTime()
         self.admitted: list[tuple[str, float]] = []
@@ -131,8 +85,8 @@ class Fleet:
 
 
 @pytest.fixture
-async def fleet(private_redis: PrivateRedis) -> AsyncIterator[Fleet]:
-    group = Fleet(private_redis)
+async def fleet(own_redis: Callable[..., OwnRedis]) -> AsyncIterator[Fleet]:
+    group = Fleet(own_redis())
     yield group
     await group.aclose()
 

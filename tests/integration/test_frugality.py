@@ -4,18 +4,17 @@ a fallback when Redis is away, the embedding cache in both lanes, and no duplica
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
+from tests.conftest import OwnRedis
 from tests.fakes import FakeEmbedder
 from tests.integration.helpers import RawCaller, assert_right_vectors
-from tests.integration.test_fleet_limiter import PrivateRedis
 from worker.backoff import Backoff
 from worker.client import EmbedClient
 from worker.emulator import EmulatorState
@@ -144,27 +143,17 @@ async def test_a_dead_cache_never_fails_a_request(
     assert emulator_state.texts == 2 and worker.settings.cache_ttl_s == 60
 
 
-@pytest.fixture
-def own_redis() -> Iterator[PrivateRedis]:
-    """A Redis of this test's own: the test writes a 64 MB value, which is no one else's business."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed here")  # .ci/run installs it
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.stop()
-
-
-async def test_an_oversized_cache_value_is_a_miss_and_the_cache_stays_on(own_redis: PrivateRedis) -> None:
+async def test_an_oversized_cache_value_is_a_miss_and_the_cache_stays_on(own_redis: Callable[..., OwnRedis]) -> None:
     """64 MB at one input's key: the read fetches no more than a vector's worth of it and calls it a miss, on time,
     so the cache is not turned off for everyone else (it was: every read timed out). So is a key of another type."""
+    server = own_redis()  # a Redis of this test's own: it writes a 64 MB value, which is no one else's business
     config = EmbedConfig("gemini-embedding-001", None, 256)
     metrics = Metrics()
     upstream = UpstreamCaller(FakeEmbedder(), RetryPolicy(2, Backoff(0.001, 0.002)), metrics=metrics)
-    cache = RedisVectorCache(own_redis.url, ttl_s=60, timeout_s=0.5)
+    cache = RedisVectorCache(server.url, ttl_s=60, timeout_s=0.5)
     layer = Frugal(upstream, metrics=metrics, cache=cache, cache_prefix="t:")
-    own_redis.client().set(cache_key("t:", config, "huge"), b"\x00" * (64 << 20))
-    own_redis.client().rpush(cache_key("t:", config, "a list"), b"x")
+    server.client().set(cache_key("t:", config, "huge"), b"\x00" * (64 << 20))
+    server.client().rpush(cache_key("t:", config, "a list"), b"x")
     texts = ["huge", "a list", "fine"]
     await layer.embed(["fine"], config)
     await layer.close()  # "fine" is cached now

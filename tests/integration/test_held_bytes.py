@@ -7,7 +7,6 @@ taken at once (60 image requests: 611 MB of RSS; 200: 2 GB, killed in a 512 MiB 
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 import uuid
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import free_port
 from tests.integration.helpers import RawCaller, assert_right_vectors
 from worker import topology
 from worker.amqp.connection import declare_topology
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.integration
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -73,7 +67,7 @@ async def test_a_backlog_of_large_requests_is_taken_within_the_byte_budget(
     requests = [_texts(f"r{r}", 100, 8000) for r in range(24)]  # ~800 KB each, 19 MB in all
     bodies = [orjson.dumps({"texts": t, "output_dimensionality": 128}) for t in requests]
     limit, largest = 3 * MiB, max(len(b) for b in bodies)
-    port = _free_port()
+    port = free_port()
     async with RawCaller(vhost) as caller:
         for i in range(len(bodies)):
             caller.replies[f"b{i}"] = asyncio.get_running_loop().create_future()
@@ -99,7 +93,7 @@ async def test_a_request_larger_than_the_whole_budget_is_served_alone(start_work
 async def test_the_deferred_lane_takes_a_round_within_the_byte_budget(
     start_worker: Any, vhost: str, redis_url: str
 ) -> None:
-    port = _free_port()
+    port = free_port()
     prefix = f"test:{uuid.uuid4().hex[:8]}:"
     limit = 256 * KiB
     await start_worker(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Any
 
 import aio_pika
@@ -15,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.integration.helpers import queue_depth, wait_until
+from tests.integration.test_deferred import SLOW, stored
 from worker import topology
 from worker.client import EmbedClient, EmbedClientError
 from worker.emulator import EmulatorState
@@ -25,21 +25,7 @@ from worker.vectors import expected_vector
 
 pytestmark = pytest.mark.integration
 
-SLOW = {"deferred_flush_interval_s": 3600, "deferred_wake_messages": 0}  # only flush requests wake the lane
 TASK = "RETRIEVAL_DOCUMENT"
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test:{uuid.uuid4().hex[:8]}:"
-
-
-async def stored(url: str, key: str) -> dict[bytes, bytes]:
-    client = aioredis.Redis.from_url(url)
-    try:
-        return await client.hgetall(key)  # type: ignore[return-value]  # bytes: no decode_responses
-    finally:
-        await client.aclose()
 
 
 async def wait_for_keys(url: str, keys: list[str], timeout: float = 30) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import socket
 import urllib.request
 from typing import Any
 
@@ -22,18 +21,13 @@ import pytest
 from pamqp import commands as spec
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import free_port
 from tests.integration.helpers import RawCaller, assert_right_vectors, get_one
 from worker import topology
 from worker.client import EmbedClient
 from worker.emulator import EmulatorState
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _replies(port: int) -> dict[tuple[str, str], float]:
@@ -62,7 +56,7 @@ async def _dead_letters(
 async def test_a_full_reply_queue_parks_the_request_with_the_brokers_reason(
     start_worker: Any, vhost: str, emulator_state: EmulatorState, queue_type: str
 ) -> None:
-    port = _free_port()
+    port = free_port()
     await start_worker(queue_type=queue_type, metrics_port=port, metrics_host="127.0.0.1", batch_max_wait_ms=5)
     connection = await aio_pika.connect(vhost)
     try:
@@ -188,7 +182,7 @@ async def _wait_for(probe: Any, timeout: float = 30) -> None:
 async def test_a_forged_direct_reply_to_name_costs_only_its_own_request(
     start_worker: Any, vhost: str, emulator_state: EmulatorState, check_callers: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = _free_port()
+    port = free_port()
     await start_worker(check_callers=check_callers, metrics_port=port, metrics_host="127.0.0.1")
     learner = await aiormq.connect(vhost)
     try:
@@ -220,7 +214,7 @@ async def test_a_forged_direct_reply_to_name_costs_only_its_own_request(
 async def test_direct_reply_to_replies_are_counted_and_not_logged_as_returned(
     start_worker: Any, vhost: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = _free_port()
+    port = free_port()
     await start_worker(metrics_port=port, metrics_host="127.0.0.1")
     caplog.set_level(logging.INFO, logger="worker")
     async with EmbedClient(vhost, timeout=30) as client:
