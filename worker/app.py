@@ -23,6 +23,7 @@ from worker.amqp.publish import Publisher
 from worker.amqp.replies import RpcReplies
 from worker.amqp.rpc import RpcConsumer
 from worker.amqp.settle import Settler
+from worker.budgets import BatchingConfig
 from worker.deferred import DeferredConfig
 from worker.deferred.jobs import JobRounds
 from worker.deferred.rounds import SyncRounds
@@ -41,7 +42,7 @@ from worker.ports import Limiter
 from worker.redis_cache import RedisVectorCache
 from worker.redis_quota import FleetLimiter
 from worker.redis_store import RedisVectorStore
-from worker.service import BatchingConfig, EmbedService
+from worker.service import EmbedService
 from worker.settings import Settings
 from worker.upstream import RetryPolicy, UpstreamCaller
 

@@ -20,11 +20,12 @@ from worker.amqp.replies import RpcReplies, reply_node
 from worker.amqp.rpc import handle_delivery
 from worker.amqp.settle import Settler
 from worker.backoff import Backoff
+from worker.budgets import BatchingConfig
 from worker.emulator import BAD_INPUT_MARKER
 from worker.errors import UpstreamError
 from worker.messages import RequestLimits
 from worker.metrics import Metrics
-from worker.service import BatchingConfig, EmbedService
+from worker.service import EmbedService
 from worker.settings import DEFAULT_REPLY_TO
 from worker.upstream import RetryPolicy, UpstreamCaller
 from worker.vectors import expected_vector

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from worker.batcher import Batcher
+from worker.budgets import BatchingConfig
 from worker.errors import EmbedError, InvalidRequest
 from worker.inputs import EmbedInput
 from worker.logs import safe
@@ -48,7 +49,6 @@ from worker.ports import (
     VectorStore,
     dead_letter,
 )
-from worker.service import BatchingConfig
 from worker.upstream import Outcome
 from worker.vectors import FloatArray
 
