@@ -3,11 +3,17 @@ tests publish to them. No aio-pika here, so anything may import it.
 
 ```
 exchange embed.requests (direct) --embed.requests--> queue embed.requests  --dead letters--> embed.requests.dlx
+                                 --embed.requests.bulk--> queue embed.requests.bulk --dead letters--> embed.requests.dlx
                                  --embed.deferred--> queue embed.deferred  --dead letters--> embed.requests.dlx
                                  --embed.deferred.flush--> each worker's embed.deferred.flush.<host>.<pid>.<rand>
 exchange embed.requests.dlx (direct) --embed.requests--> embed.requests.dlq
+                                     --embed.requests.bulk--> embed.requests.bulk.dlq
                                      --embed.deferred--> embed.deferred.dlq
 ```
+
+``embed.requests`` and ``embed.requests.bulk`` are the two RPC lanes: the same requests, the same replies; every
+worker serves both and gives the default lane's batches the upstream first (queries before ingestion). Bulk has a
+dead-letter queue of its own so that what is replayed from it goes back to the bulk lane, not ahead of queries.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ QUEUE = "embed.requests"
 ROUTING_KEY = "embed.requests"
 DLX = "embed.requests.dlx"
 DLQ = "embed.requests.dlq"
+BULK_QUEUE = "embed.requests.bulk"
+BULK_KEY = "embed.requests.bulk"
+BULK_DLQ = "embed.requests.bulk.dlq"
 DEFERRED_QUEUE = "embed.deferred"
 DEFERRED_KEY = "embed.deferred"
 DEFERRED_DLQ = "embed.deferred.dlq"
