@@ -1,16 +1,19 @@
 """An in-memory broker for unit tests, as faststream's ``TestRabbitBroker`` and dramatiq's ``StubBroker`` are for
 theirs. It sits beside the real-broker tests, never instead of them.
 
-The seam is aiormq's channel: ``MemoryChannel`` implements the few channel methods the worker's AMQP adapters
-call (basic.consume with a prefetch window, basic.get, basic.ack, basic.reject, a passive queue.declare), so the
-real ``AmqpDelivery``, ``Settler``, ``RpcReplies``, ``AmqpDeferredQueue`` and ``handle_delivery`` run on top of it.
-Where RabbitMQ has a rule the worker relies on, the fake keeps it:
+The seams are those of ``worker/amqp/seams.py``: ``MemoryChannel`` is a ``SettlingChannel`` and implements the few
+other channel methods the worker's AMQP adapters call (basic.consume with a prefetch window, basic.get, a passive
+queue.declare); what it hands out is a ``MemoryDelivered`` (a ``seams.Delivered``); ``MemoryPublisher`` is a
+``ReopeningPublisher``. So the real ``AmqpDelivery``, ``Settler``, ``RpcReplies``, ``AmqpDeferredQueue`` and
+``handle_delivery`` run on top of it, and type-check doing so. Where RabbitMQ has a rule the worker relies on, the
+fake keeps it (``tests/cases/settle_cases.py`` runs the same settle cases on this and on RabbitMQ):
 
 - delivery tags count from 1 per channel; basic.ack(multiple=true, N) acks every unacked tag up to N and, as in
   ``rabbit_channel.erl`` ``collect_acks``, an N that is not unacked closes the channel (PRECONDITION_FAILED);
-- basic.reject(requeue=true) puts the message back at the head, redelivered, and counts a delivery: a quorum
-  queue dead-letters it past ``delivery_limit`` (``x-death`` reason ``delivery_limit``); requeue=false
-  dead-letters it (reason ``rejected``); a closed channel requeues what it held;
+- basic.reject(requeue=true) puts the message back at the head, redelivered, and counts a delivery; a quorum queue
+  dead-letters it when that count goes past ``delivery_limit`` (rabbit_fifo: delivery count > limit), so a
+  message with ``x-delivery-limit`` N is delivered N + 1 times, then dead-lettered (``x-death`` reason
+  ``delivery_limit``); requeue=false dead-letters it (reason ``rejected``); a closed channel requeues what it held;
 - publishing routes by the worker's topology; a mandatory publish to nowhere is returned (``ReplyUndeliverable``).
 Every frame is recorded in ``MemoryChannel.frames``, so tests can count acks.
 """
@@ -24,7 +27,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
@@ -45,10 +47,23 @@ class Message:
     deliveries: int = 0  # how many times it was handed out and given back (quorum queues count these)
 
 
+@dataclass(frozen=True)
+class MemoryDelivered:
+    """What the channel hands out: aiormq's ``DeliveredMessage``, with a memory channel in it (``seams.Delivered``)."""
+
+    delivery: spec.Basic.Deliver | spec.Basic.GetOk | spec.Basic.GetEmpty
+    header: ContentHeader
+    body: bytes
+    channel: MemoryChannel
+
+
+Callback = Callable[[MemoryDelivered], Awaitable[None]]
+
+
 @dataclass
 class _Consumer:
     queue: str
-    callback: Callable[[DeliveredMessage], Awaitable[None]]
+    callback: Callback
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -65,31 +80,24 @@ class MemoryChannel:
         self._consumers: dict[str, _Consumer] = {}
 
     # ------------------------------------------------------------------ taking messages
-    def _deliver(self, queue: str, message: Message, frame: Any) -> DeliveredMessage:
+    def _deliver(self, queue: str, message: Message, frame: spec.Basic.Deliver | spec.Basic.GetOk) -> MemoryDelivered:
         tag = next(self._tags)
         frame.delivery_tag = tag
         self._unacked[tag] = (queue, message)
         header = ContentHeader(body_size=len(message.body), properties=message.properties)
-        return DeliveredMessage(delivery=frame, header=header, body=message.body, channel=self)  # type: ignore[arg-type]
+        return MemoryDelivered(delivery=frame, header=header, body=message.body, channel=self)
 
-    async def basic_get(self, queue: str = "", no_ack: bool = False, timeout: Any = None) -> DeliveredMessage:
+    async def basic_get(self, queue: str = "", no_ack: bool = False, timeout: Any = None) -> MemoryDelivered:
         self._check_open()
         waiting = self.broker.queues[queue]
         if not waiting:
-            return DeliveredMessage(
-                delivery=spec.Basic.GetEmpty(),
-                header=ContentHeader(),
-                body=b"",
-                channel=self,  # type: ignore[arg-type]
-            )
+            return MemoryDelivered(delivery=spec.Basic.GetEmpty(), header=ContentHeader(), body=b"", channel=self)
         message = waiting.popleft()
         frame = spec.Basic.GetOk(exchange=message.exchange, routing_key=message.routing_key, redelivered=False)
         frame.redelivered = message.deliveries > 0
         return self._deliver(queue, message, frame)
 
-    async def basic_consume(
-        self, queue: str, consumer_callback: Callable[[DeliveredMessage], Awaitable[None]], **_: Any
-    ) -> spec.Basic.ConsumeOk:
+    async def basic_consume(self, queue: str, consumer_callback: Callback, **_: Any) -> spec.Basic.ConsumeOk:
         self._check_open()
         tag = f"memory-{len(self._consumers)}"
         self._consumers[tag] = _Consumer(queue, consumer_callback)
@@ -163,12 +171,20 @@ class MemoryChannel:
             await asyncio.gather(*tasks)
 
 
+# The worker's work queues, as worker/amqp/connection.py declares them: (queue, its routing key, which is also the
+# routing key of its dead letters, its dead-letter queue)
+ROUTES = (
+    (topology.QUEUE, topology.ROUTING_KEY, topology.DLQ),
+    (topology.BULK_QUEUE, topology.BULK_KEY, topology.BULK_DLQ),
+    (topology.DEFERRED_QUEUE, topology.DEFERRED_KEY, topology.DEFERRED_DLQ),
+)
+
+
 class MemoryBroker:
     def __init__(self, *, queue_type: str = "quorum", delivery_limit: int = 5):
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
-        names = (topology.QUEUE, topology.DLQ, topology.DEFERRED_QUEUE, topology.DEFERRED_DLQ)
-        self.queues: dict[str, deque[Message]] = {name: deque() for name in names}
+        self.queues: dict[str, deque[Message]] = {name: deque() for queue, _, dlq in ROUTES for name in (queue, dlq)}
         self.replies: dict[str, list[Message]] = {}  # callers' reply queues and what reached them
         self.channels: list[MemoryChannel] = []
 
@@ -203,21 +219,23 @@ class MemoryBroker:
         if exchange == "":
             return key if key in self.queues or key in self.replies else None
         if exchange == topology.EXCHANGE:
-            return {topology.ROUTING_KEY: topology.QUEUE, topology.DEFERRED_KEY: topology.DEFERRED_QUEUE}.get(key)
+            return next((queue for queue, routing_key, _ in ROUTES if routing_key == key), None)
         if exchange == topology.DLX:
-            return {topology.QUEUE: topology.DLQ, topology.DEFERRED_KEY: topology.DEFERRED_DLQ}.get(key)
+            return next((dlq for _, routing_key, dlq in ROUTES if routing_key == key), None)
         return None
 
     def give_back(self, queue: str, message: Message, *, requeue: bool) -> None:
         message.deliveries += 1
-        if requeue and not (self.queue_type == "quorum" and message.deliveries >= self.delivery_limit):
+        # rabbit_fifo: dead-lettered once the delivery count is greater than the limit, not when it reaches it
+        if requeue and not (self.queue_type == "quorum" and message.deliveries > self.delivery_limit):
             self.queues[queue].appendleft(message)
             return
         reason = "rejected" if not requeue else "delivery_limit"
         self._dead_letter(queue, message, reason)
 
     def _dead_letter(self, queue: str, message: Message, reason: str) -> None:
-        dlq = topology.DLQ if queue == topology.QUEUE else topology.DEFERRED_DLQ
+        """As the queue's ``x-dead-letter-routing-key`` (its own routing key) takes it to its dead-letter queue."""
+        dlq = next(dlq for name, _, dlq in ROUTES if name == queue)
         headers = dict(message.properties.headers or {})
         headers["x-death"] = [{"reason": reason, "queue": queue, "count": 1}]
         message.properties.headers = headers
@@ -236,7 +254,8 @@ class MemoryBroker:
 
 
 class MemoryPublisher:
-    """``worker.amqp.publish.Publisher`` on the memory broker: confirms at once, returns what cannot be routed."""
+    """``worker.amqp.publish.Publisher`` on the memory broker (a ``seams.ReopeningPublisher``): confirms at once,
+    returns what cannot be routed."""
 
     def __init__(self, broker: MemoryBroker):
         self.broker = broker

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -37,10 +37,15 @@ class Recorder:
             self.active -= 1
 
 
-def make(rec: Recorder, clock: ManualClock, **kw: object) -> Batcher[str, str, str]:
-    params: dict[str, object] = {"max_size": 4, "max_wait": WAIT, "max_concurrent": 2, "clock": clock}
-    params.update(kw)
-    return Batcher(rec, **params)  # type: ignore[arg-type]
+def make(
+    rec: Recorder,
+    clock: ManualClock,
+    *,
+    max_size: int = 4,
+    max_concurrent: int = 2,
+    on_batch: Callable[[BatchStats], None] | None = None,
+) -> Batcher[str, str, str]:
+    return Batcher(rec, max_size=max_size, max_wait=WAIT, max_concurrent=max_concurrent, clock=clock, on_batch=on_batch)
 
 
 async def settle() -> None:

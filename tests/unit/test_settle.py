@@ -61,7 +61,7 @@ def test_any_settle_order_is_applied_exactly_and_never_breaks_the_channel(
             broker.send(orjson.dumps({"i": i}), correlation_id=str(i), reply_to="amq.gen-x")
         channel = broker.channel()
         deliveries = await take(channel, 30)
-        settler = Settler(MemoryPublisher(broker), Metrics())  # type: ignore[arg-type]
+        settler = Settler(MemoryPublisher(broker), Metrics())
         decisions = {"ack": ACK, "requeue": REQUEUE, "dead": dead_letter("test", "why")}
         for n, i in enumerate(order):
             await settler.apply(deliveries[i], decisions[kinds[i]], topology.QUEUE)
@@ -84,7 +84,7 @@ async def test_a_batch_of_acks_is_one_frame_and_requeues_are_single_rejects() ->
         broker.send(b"{}", correlation_id=str(i), reply_to="amq.gen-x")
     channel = broker.channel()
     deliveries = await take(channel, 100)
-    settler = Settler(MemoryPublisher(broker), Metrics())  # type: ignore[arg-type]
+    settler = Settler(MemoryPublisher(broker), Metrics())
     settles: list[Settle] = [REQUEUE if i in (10, 50) else ACK for i in range(100)]
     await asyncio.gather(*(settler.apply(d, s, topology.QUEUE) for d, s in zip(deliveries, settles, strict=True)))
     await settler.drain()
@@ -100,7 +100,7 @@ async def test_a_dead_letter_that_cannot_be_parked_is_rejected_to_the_broker_dea
     [delivery] = await take(channel, 1)
     publisher = MemoryPublisher(broker)
     publisher.fail = RuntimeError("confirm channel gone")
-    await Settler(publisher, Metrics()).apply(delivery, dead_letter("t", "why"), topology.QUEUE)  # type: ignore[arg-type]
+    await Settler(publisher, Metrics()).apply(delivery, dead_letter("t", "why"), topology.QUEUE)
     assert channel.frames == [("reject", 1, False)]
     [parked] = broker.queues[topology.DLQ]
     assert parked.properties.headers["x-death"][0]["reason"] == "rejected"
@@ -113,7 +113,7 @@ async def test_deliveries_of_a_closed_channel_are_never_acked_elsewhere() -> Non
     old = broker.channel()
     deliveries = await take(old, 3)
     old.close()  # a reconnect: the broker has requeued them
-    settler = Settler(MemoryPublisher(broker), Metrics())  # type: ignore[arg-type]
+    settler = Settler(MemoryPublisher(broker), Metrics())
     for delivery in deliveries:
         await settler.apply(delivery, ACK, topology.QUEUE)
     await settler.drain()

@@ -1,8 +1,9 @@
 """A message taken from a queue, as the core sees it (``ports.Delivery``), and the copy we park when we
 dead-letter it.
 
-Built straight from aiormq's ``DeliveredMessage``: the delivery tag and the channel it came on are kept for
-``settle.py``, which is the only place that settles it.
+Built straight from aiormq's ``DeliveredMessage`` (any ``seams.Delivered``): the delivery tag and the channel it came
+on are kept for ``settle.py``, which is the only place that settles it (``AmqpDelivery`` is a
+``seams.SettleableDelivery``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
 from worker.amqp import codec
+from worker.amqp.seams import Delivered, SettleableDelivery, SettlingChannel
 from worker.topology import ERROR_HEADER
 
 # Short-string properties a publisher chooses (pamqp attribute -> AMQP name); any may arrive as invalid
@@ -48,12 +49,12 @@ class AmqpDelivery:
         "tag",
     )
 
-    def __init__(self, message: DeliveredMessage):
+    def __init__(self, message: Delivered):
         props: Basic.Properties = message.header.properties
         self.properties = props
         self.body = message.body
         self.tag: int = message.delivery.delivery_tag  # type: ignore[union-attr,assignment]
-        self.channel: AbstractChannel = message.channel
+        self.channel: SettlingChannel = message.channel
         self.content_type = props.content_type
         self.content_encoding = props.content_encoding
         self.headers: Mapping[str, Any] = props.headers or _EMPTY
@@ -65,7 +66,7 @@ class AmqpDelivery:
         )
 
 
-def parked_copy(delivery: AmqpDelivery, reason: str) -> Basic.Properties:
+def parked_copy(delivery: SettleableDelivery, reason: str) -> Basic.Properties:
     """The properties of the copy we park: the message as it came, made safe for any AMQP reader.
 
     Properties that are not valid UTF-8 move into ``x-original-<name>`` headers as raw bytes (pamqp reads byte

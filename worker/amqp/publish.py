@@ -48,6 +48,8 @@ async def underlay(channel: AbstractRobustChannel) -> aiormq.Channel:
 
 
 class Publisher:
+    """``seams.ReopeningPublisher`` on a robust channel with publisher confirms."""
+
     def __init__(self, robust: AbstractRobustChannel, channel: aiormq.Channel):
         self._robust = robust
         self._channel = channel

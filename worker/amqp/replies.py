@@ -14,7 +14,8 @@ import aiormq
 from aiormq.abc import AbstractChannel
 from pamqp import commands as spec
 
-from worker.amqp.publish import LOST, Publisher
+from worker.amqp.publish import LOST
+from worker.amqp.seams import ReopeningPublisher
 from worker.logs import safe
 from worker.messages import Reply
 from worker.ports import ReplyUndeliverable
@@ -50,7 +51,7 @@ class RpcReplies:
     "treated as a queue" and never returned (4.2.0 release notes, "Mandatory flag in Direct Reply-To"): on no
     version does a return say the caller has gone. Server-named queues stay mandatory: there a return does."""
 
-    def __init__(self, publisher: Publisher, probe: ProbeConnect | None, *, reconnect_s: float = 10.0):
+    def __init__(self, publisher: ReopeningPublisher, probe: ProbeConnect | None, *, reconnect_s: float = 10.0):
         self._publisher = publisher
         self._connect_probe = probe  # None: no caller checks
         self._reconnect_s = reconnect_s  # how long a reply waits for the reply connection to come back

@@ -29,13 +29,12 @@ import logging
 from collections.abc import Awaitable, Sequence
 
 import aiormq
-from aiormq.abc import AbstractChannel
 
-from worker.amqp.delivery import AmqpDelivery, parked_copy
-from worker.amqp.publish import Publisher
+from worker.amqp.delivery import parked_copy
+from worker.amqp.seams import ConfirmedPublisher, SettleableDelivery, SettlingChannel
 from worker.logs import safe
 from worker.metrics import Metrics
-from worker.ports import Delivery, Settle, SettleAction
+from worker.ports import Settle, SettleAction
 from worker.topology import DLX
 
 log = logging.getLogger(__name__)
@@ -82,16 +81,18 @@ class AckTracker:
 
 
 class Settler:
-    def __init__(self, publisher: Publisher, metrics: Metrics, *, stranded_limit: int = STRANDED_LIMIT):
+    """Applies ``Settle`` values to deliveries (any ``seams.SettleableDelivery``: ``AmqpDelivery`` on aiormq's
+    channel, or on tests/memory.py's), parking copies through a ``seams.ConfirmedPublisher``."""
+
+    def __init__(self, publisher: ConfirmedPublisher, metrics: Metrics, *, stranded_limit: int = STRANDED_LIMIT):
         self._publisher = publisher
         self._metrics = metrics
         self._stranded_limit = stranded_limit
-        self._trackers: dict[AbstractChannel, AckTracker] = {}
+        self._trackers: dict[SettlingChannel, AckTracker] = {}
         self._flush_pending = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def apply(self, delivery: Delivery, settle: Settle, dead_letter_key: str) -> None:
-        assert isinstance(delivery, AmqpDelivery)
+    async def apply(self, delivery: SettleableDelivery, settle: Settle, dead_letter_key: str) -> None:
         if settle.action is SettleAction.ACK:
             self._acked(delivery)
         elif settle.action is SettleAction.REQUEUE:
@@ -99,12 +100,12 @@ class Settler:
         else:
             await self._dead_letter(delivery, settle, dead_letter_key)
 
-    async def apply_all(self, outcomes: Sequence[tuple[Delivery, Settle]], dead_letter_key: str) -> None:
+    async def apply_all(self, outcomes: Sequence[tuple[SettleableDelivery, Settle]], dead_letter_key: str) -> None:
         for delivery, settle in outcomes:
             await self.apply(delivery, settle, dead_letter_key)
 
     # ------------------------------------------------------------------ the three actions
-    def _acked(self, delivery: AmqpDelivery) -> None:
+    def _acked(self, delivery: SettleableDelivery) -> None:
         tracker = self._trackers.get(delivery.channel)
         if tracker is None:
             if delivery.channel.is_closed:
@@ -116,7 +117,7 @@ class Settler:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _reject(self, delivery: AmqpDelivery, *, requeue: bool) -> None:
+    async def _reject(self, delivery: SettleableDelivery, *, requeue: bool) -> None:
         try:
             await delivery.channel.basic_reject(delivery.tag, requeue=requeue, wait=False)
         except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
@@ -128,7 +129,7 @@ class Settler:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _dead_letter(self, delivery: AmqpDelivery, settle: Settle, dead_letter_key: str) -> None:
+    async def _dead_letter(self, delivery: SettleableDelivery, settle: Settle, dead_letter_key: str) -> None:
         self._metrics.dead_lettered.labels(settle.label or "other").inc()
         try:
             await self._publisher.publish(
