@@ -22,7 +22,7 @@ class FakeEmbedder:
         self.faults = list(faults)
         self.calls: list[tuple[list[str], EmbedConfig]] = []
 
-    async def embed(self, texts: Sequence[str], config: EmbedConfig) -> FloatArray:
+    async def call(self, texts: Sequence[str], config: EmbedConfig) -> FloatArray:
         self.calls.append((list(texts), config))
         if len(texts) > limits.MAX_TEXTS_PER_CALL:
             raise UpstreamInvalidInput("too many texts in one call")

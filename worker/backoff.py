@@ -1,7 +1,9 @@
-"""The one back-off rule: full-jitter exponential (AWS Architecture Blog, "Exponential Backoff and Jitter").
+"""The one back-off rule: exponential and capped, with full jitter unless told otherwise (AWS Architecture Blog,
+"Exponential Backoff and Jitter").
 
-Used by upstream retries, broker connection attempts, the deferred lane's pauses and the supervisor's restarts,
-so that a fleet that failed together does not retry together.
+Upstream retries, broker connection attempts and the deferred lane's pauses keep the jitter, so that a fleet
+that failed together does not retry together. The supervisor's restarts of its own children turn it off
+(``jitter=False``): one parent spreads nothing across a fleet, and a fixed schedule is predictable for operators.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Worker side: ``decode_request`` / ``decode_deferred`` turn JSON bytes (gzip-comp
 properties into a validated request (its inputs: texts, or contents of parts, see ``worker.inputs``) or raise
 ``InvalidRequest`` with a message fit to send back; ``encode_vectors`` / ``encode_error`` build replies (orjson
 straight from the float32 array, so vectors are turned into text exactly once), and ``reply_bytes`` bounds a success
-reply's size before any vector exists.
+reply's size before any vector exists; ``encode_deferred_in`` sends items back to the deferred lane.
 Caller side (``client.py``, the bench, the tests): ``encode_request`` / ``encode_deferred_items`` build requests,
 ``decode_reply`` / ``decode_flush_reply`` read replies and raise ``ErrorReply`` or ``MalformedReply``.
 """
@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from worker import inputs as inputs_
 from worker import limits
 from worker.errors import EmbedError, InvalidRequest
-from worker.inputs import EmbedInput
+from worker.inputs import EmbedInput, parse_parts
 from worker.topology import DEADLINE_HEADER
 from worker.vectors import FloatArray
 
@@ -101,14 +100,14 @@ def decode_request(
     *,
     content_type: str | None,
     headers: Mapping[str, Any] | None,
-    limits_: RequestLimits,
+    request_limits: RequestLimits,
     content_encoding: str | None = None,
 ) -> EmbedRequest:
     """Validate one request; ``content_encoding`` is the message's property (gzip, or none). Raises
     ``InvalidRequest`` with a caller-readable message."""
-    raw = _json_object(body, content_type, content_encoding, limits_)
+    raw = _json_object(body, content_type, content_encoding, request_limits)
     _known(raw, _REQUEST_FIELDS)
-    config = _config(raw, limits_)
+    config = _config(raw, request_limits)
     truncate = _flag(raw, "truncate")
     encoding = raw.get("reply_encoding", "json")
     if encoding not in _ENCODINGS:
@@ -119,22 +118,24 @@ def decode_request(
     if not given:
         raise InvalidRequest('missing "texts" (a list of strings), "text" (a string) or "inputs" (a list of inputs)')
     if given[0] == "text":
-        inputs: list[EmbedInput] = _checked_texts([_string(raw["text"], "text")], truncate, config, limits_, "texts")
+        inputs: list[EmbedInput] = _checked_texts(
+            [_string(raw["text"], "text")], truncate, config, request_limits, "texts"
+        )
     elif given[0] == "texts":
-        inputs = _checked_texts(_strings(raw["texts"], "texts"), truncate, config, limits_, "texts")
+        inputs = _checked_texts(_strings(raw["texts"], "texts"), truncate, config, request_limits, "texts")
     else:
-        inputs = _inputs(raw["inputs"], truncate, config, limits_)
+        inputs = _inputs(raw["inputs"], truncate, config, request_limits)
     return EmbedRequest(inputs, config, deadline=_deadline(headers), reply_encoding=encoding)
 
 
 def _json_object(
-    body: bytes, content_type: str | None, content_encoding: str | None, limits_: RequestLimits
+    body: bytes, content_type: str | None, content_encoding: str | None, request_limits: RequestLimits
 ) -> dict[str, Any]:
-    if len(body) > limits_.max_body_bytes:
-        raise InvalidRequest(f"body is {len(body)} bytes; the limit is {limits_.max_body_bytes}")
+    if len(body) > request_limits.max_body_bytes:
+        raise InvalidRequest(f"body is {len(body)} bytes; the limit is {request_limits.max_body_bytes}")
     if content_type and content_type.split(";")[0].strip().lower() != JSON_CONTENT_TYPE:
         raise InvalidRequest(f"content_type must be {JSON_CONTENT_TYPE}, got {content_type[:100]!r}")
-    body = _decoded(body, content_encoding, limits_.max_body_bytes)
+    body = _decoded(body, content_encoding, request_limits.max_body_bytes)
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -217,13 +218,13 @@ def _flag(raw: dict[str, Any], name: str) -> bool:
 
 
 def _checked_texts(
-    texts: list[str], truncate: bool, config: EmbedConfig, limits_: RequestLimits, what: str
+    texts: list[str], truncate: bool, config: EmbedConfig, request_limits: RequestLimits, what: str
 ) -> list[EmbedInput]:
     if not texts:
         raise InvalidRequest(f'"{what}" is empty')
-    if len(texts) > limits_.max_texts:
-        raise InvalidRequest(f"{len(texts)} {what} in one request; the limit is {limits_.max_texts}")
-    max_tokens = limits_.max_tokens(config.model)
+    if len(texts) > request_limits.max_texts:
+        raise InvalidRequest(f"{len(texts)} {what} in one request; the limit is {request_limits.max_texts}")
+    max_tokens = request_limits.max_tokens(config.model)
     max_chars = max_tokens * limits.CHARS_PER_TOKEN
     out: list[EmbedInput] = list(texts)
     for i, text in enumerate(texts):
@@ -239,37 +240,39 @@ def _checked_texts(
     return out
 
 
-def _inputs(raw: Any, truncate: bool, config: EmbedConfig, limits_: RequestLimits) -> list[EmbedInput]:
+def _inputs(raw: Any, truncate: bool, config: EmbedConfig, request_limits: RequestLimits) -> list[EmbedInput]:
     """``inputs``: each item ``{"text": ...}`` or ``{"parts": [...]}``, one vector each."""
     if not isinstance(raw, list):
         raise InvalidRequest("inputs: Input should be a valid list")
     if not raw:
         raise InvalidRequest('"inputs" is empty')
-    if len(raw) > limits_.max_texts:
-        raise InvalidRequest(f"{len(raw)} inputs in one request; the limit is {limits_.max_texts}")
+    if len(raw) > request_limits.max_texts:
+        raise InvalidRequest(f"{len(raw)} inputs in one request; the limit is {request_limits.max_texts}")
     out: list[EmbedInput] = []
-    max_tokens = limits_.max_tokens(config.model)
+    max_tokens = request_limits.max_tokens(config.model)
     for i, item in enumerate(raw):
         where = f"inputs.{i}"
         if not isinstance(item, dict) or len(item) != 1 or not ({"text", "parts"} & item.keys()):
             raise InvalidRequest(f'{where} must be {{"text": ...}} or {{"parts": [...]}}')
         if "text" in item:
-            [text] = _checked_texts([_string(item["text"], f"{where}.text")], truncate, config, limits_, "inputs")
+            [text] = _checked_texts(
+                [_string(item["text"], f"{where}.text")], truncate, config, request_limits, "inputs"
+            )
             out.append(text)
             continue
-        parsed = inputs_.parse_parts(item["parts"], where, config.model)  # sent as it is: never cut
+        parsed = parse_parts(item["parts"], where, config.model)  # sent as it is: never cut
         if parsed.tokens > max_tokens:
             raise InvalidRequest(f"{where} is about {parsed.tokens} tokens; the limit is {max_tokens}")
         out.append(parsed)
     return out
 
 
-def _config(raw: dict[str, Any], limits_: RequestLimits) -> EmbedConfig:
+def _config(raw: dict[str, Any], request_limits: RequestLimits) -> EmbedConfig:
     model = raw.get("model")
-    model = limits_.default_model if model is None else _string(model, "model")
+    model = request_limits.default_model if model is None else _string(model, "model")
     model = model.removeprefix("models/")
-    if model not in limits_.models:
-        raise InvalidRequest(f"unknown model {model[:100]!r}; this worker serves {sorted(limits_.models)}")
+    if model not in request_limits.models:
+        raise InvalidRequest(f"unknown model {model[:100]!r}; this worker serves {sorted(request_limits.models)}")
     task_type = raw.get("task_type")
     if task_type is not None:
         task_type = _string(task_type, "task_type").upper()
@@ -298,13 +301,13 @@ MAX_KEY_LENGTH = 1024
 
 
 def decode_deferred(
-    body: bytes, *, content_type: str | None, limits_: RequestLimits, content_encoding: str | None = None
+    body: bytes, *, content_type: str | None, request_limits: RequestLimits, content_encoding: str | None = None
 ) -> DeferredRequest:
     """Validate one fire-and-forget request (text items), gzip-compressed or not as for ``decode_request``. Raises
     ``InvalidRequest``."""
-    raw = _json_object(body, content_type, content_encoding, limits_)
+    raw = _json_object(body, content_type, content_encoding, request_limits)
     _known(raw, _DEFERRED_FIELDS)
-    config = _config(raw, limits_)
+    config = _config(raw, request_limits)
     truncate = _flag(raw, "truncate")
     items = raw.get("items")
     if not isinstance(items, list):
@@ -318,7 +321,7 @@ def decode_deferred(
             raise InvalidRequest(f"items.{i}.key must be 1 to {MAX_KEY_LENGTH} characters")
         keys.append(key)
         texts.append(_string(item["text"], f"items.{i}.text"))
-    checked = _checked_texts(texts, truncate, config, limits_, "items")
+    checked = _checked_texts(texts, truncate, config, request_limits, "items")
     return DeferredRequest(keys=keys, texts=[str(t) for t in checked], config=config)
 
 
@@ -394,7 +397,7 @@ def encode_error(error: EmbedError) -> Reply:
     message = error.message.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(message) > _MAX_ERROR_CHARS:
         message = message[: _MAX_ERROR_CHARS - 3] + "..."
-    return Reply(orjson.dumps({"error": {"code": str(error.code), "message": message, "retryable": error.replayable}}))
+    return Reply(orjson.dumps({"error": {"code": str(error.code), "message": message, "retryable": error.retryable}}))
 
 
 def encode_flush_reply(written: int) -> Reply:
@@ -429,6 +432,13 @@ def encode_deferred_items(
     """A message for the fire-and-forget lane: ``(key, text)`` pairs sharing one configuration."""
     body = {"items": [{"key": k, "text": t} for k, t in items], **_options(model, task_type, output_dimensionality)}
     return orjson.dumps(body)
+
+
+def encode_deferred_in(items: Sequence[tuple[str, str]], config: EmbedConfig) -> bytes:
+    """``encode_deferred_items`` in ``config``: how the worker sends items back to its own deferred lane."""
+    return encode_deferred_items(
+        items, model=config.model, task_type=config.task_type, output_dimensionality=config.output_dimensionality
+    )
 
 
 def _options(model: str | None, task_type: str | None, output_dimensionality: int | None) -> dict[str, Any]:

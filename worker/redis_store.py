@@ -1,4 +1,4 @@
-"""Where the deferred lane writes vectors: Redis hashes. The only module that imports redis.
+"""Where the deferred lane writes vectors: Redis hashes. Besides the bench, only the ``redis_*`` modules import redis.
 
 Each item's key names a hash; the worker sets ``embedding`` (little-endian float32 bytes, the layout
 Redis vector search indexes read for a FLOAT32 VECTOR field), ``embedding_model``,

@@ -33,7 +33,7 @@ async def embedder(request: pytest.FixtureRequest, emulator: EmulatorThread) -> 
 )
 async def test_vectors_match_the_texts_and_are_unit_length(embedder: GeminiEmbedder, config: EmbedConfig) -> None:
     texts = [f"text {i}" for i in range(37)]
-    vectors = await embedder.embed(texts, config)
+    vectors = await embedder.call(texts, config)
     assert vectors.dtype == np.float32 and vectors.shape == (37, config.dimensions)
     full = 3072 if config.model == "gemini-embedding-001" else 768
     for text, vec in zip(texts, vectors, strict=True):
@@ -54,22 +54,22 @@ async def test_errors_are_mapped(embedder: GeminiEmbedder, emulator_state: Emula
         Fault(403),
     ]
     with pytest.raises(RateLimited) as limited:
-        await embedder.embed(["a"], cfg)
+        await embedder.call(["a"], cfg)
     assert limited.value.retry_after == 7 and limited.value.retry_now and not limited.value.daily
     with pytest.raises(RateLimited) as daily:
-        await embedder.embed(["a"], cfg)
-    assert daily.value.daily and not daily.value.retry_now and daily.value.replayable
+        await embedder.call(["a"], cfg)
+    assert daily.value.daily and not daily.value.retry_now and daily.value.retryable
     with pytest.raises(UpstreamError) as unavailable:
-        await embedder.embed(["a"], cfg)
+        await embedder.call(["a"], cfg)
     assert unavailable.value.retry_now and unavailable.value.status == 503
     with pytest.raises(UpstreamInvalidInput):
-        await embedder.embed(["a"], cfg)
+        await embedder.call(["a"], cfg)
     with pytest.raises(CredentialError) as denied:
-        await embedder.embed(["a"], cfg)
-    assert not denied.value.retry_now and denied.value.status == 403 and denied.value.replayable
+        await embedder.call(["a"], cfg)
+    assert not denied.value.retry_now and denied.value.status == 403 and denied.value.retryable
     with pytest.raises(UpstreamError) as unknown:
-        await embedder.embed(["a"], EmbedConfig("no-such-model"))
-    assert unknown.value.status == 404 and not unknown.value.retry_now and not unknown.value.replayable
+        await embedder.call(["a"], EmbedConfig("no-such-model"))
+    assert unknown.value.status == 404 and not unknown.value.retry_now and not unknown.value.retryable
 
 
 async def test_a_wrong_key_is_a_credential_error_not_bad_input(
@@ -80,18 +80,18 @@ async def test_a_wrong_key_is_a_credential_error_not_bad_input(
     emb = GeminiEmbedder(api_key=SecretStr("a-wrong-key"), base_url=emulator.base_url, timeout_s=5)
     try:
         with pytest.raises(CredentialError) as wrong:
-            await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
-        assert wrong.value.status == 400 and wrong.value.reason == "API_KEY_INVALID" and wrong.value.replayable
+            await emb.call(["a"], EmbedConfig("gemini-embedding-001"))
+        assert wrong.value.status == 400 and wrong.value.reason == "API_KEY_INVALID" and wrong.value.retryable
         emulator_state.api_key = None
         emulator_state.faults = [
             Fault(400, reason="API_KEY_EXPIRED", message="API key expired. Please renew the API key."),
             Fault(400, message="Request contains an invalid argument."),
         ]
         with pytest.raises(CredentialError) as expired:
-            await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
+            await emb.call(["a"], EmbedConfig("gemini-embedding-001"))
         assert expired.value.reason == "API_KEY_EXPIRED"
         with pytest.raises(UpstreamInvalidInput):  # a 400 about the input stays bad input
-            await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
+            await emb.call(["a"], EmbedConfig("gemini-embedding-001"))
     finally:
         await emb.aclose()
 
@@ -99,6 +99,6 @@ async def test_a_wrong_key_is_a_credential_error_not_bad_input(
 async def test_connection_refused_is_transient() -> None:
     emb = GeminiEmbedder(api_key=SecretStr("k"), base_url="http://127.0.0.1:9", timeout_s=2)
     with pytest.raises(UpstreamError) as info:
-        await emb.embed(["a"], EmbedConfig("gemini-embedding-001"))
+        await emb.call(["a"], EmbedConfig("gemini-embedding-001"))
     assert info.value.retry_now
     await emb.aclose()

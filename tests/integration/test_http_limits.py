@@ -358,7 +358,7 @@ async def test_the_embedder_stays_on_httpx_with_aiohttp_importable(
     embedder = GeminiEmbedder(api_key=SecretStr("k"), base_url=emulator.base_url, fast_path=fast_path)
     try:
         assert embedder.client._api_client._use_aiohttp() is False
-        vectors = await embedder.embed(["a", "b"], EmbedConfig("gemini-embedding-001", None, 128))
+        vectors = await embedder.call(["a", "b"], EmbedConfig("gemini-embedding-001", None, 128))
         assert vectors.shape == (2, 128)
         assert transports["httpx"] == 1
     finally:

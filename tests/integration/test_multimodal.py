@@ -17,10 +17,9 @@ from google.genai import types
 from pydantic import SecretStr
 
 from tests.integration.helpers import RawCaller
-from worker import inputs as inputs_
 from worker.embedders.gemini import GeminiEmbedder
 from worker.emulator import EmulatorState, EmulatorThread
-from worker.inputs import Content, EmbedInput, Part
+from worker.inputs import Content, EmbedInput, Part, api_task_type, seed_parts, with_task
 from worker.messages import EmbedConfig
 from worker.vectors import expected_vector, seed_of
 
@@ -44,11 +43,9 @@ def image_part(data: bytes, mime: str = "image/png") -> dict[str, Any]:
 
 def expected(item: EmbedInput, *, model: str = G2, task_type: str | None = None, dims: int | None = None) -> Any:
     """What the worker should answer for an input: the emulator's vector of what the worker sends, normalised."""
-    sent = inputs_.with_task(item, model, task_type)
-    api_task = inputs_.api_task_type(model, task_type)
-    return expected_vector(
-        seed_of(inputs_.seed_parts(sent)), model=model, task_type=api_task, dims=dims, full_dims=3072
-    )
+    sent = with_task(item, model, task_type)
+    api_task = api_task_type(model, task_type)
+    return expected_vector(seed_of(seed_parts(sent)), model=model, task_type=api_task, dims=dims, full_dims=3072)
 
 
 def check(reply: dict[str, Any], items: list[EmbedInput], **config: Any) -> None:
@@ -163,7 +160,7 @@ async def test_n_inputs_give_n_vectors_on_both_embedder_paths(emulator: Emulator
     photo = png(3)
     items: list[EmbedInput] = ["first", "second", Content((Part(mime_type="image/png", data=photo), Part(text="x")))]
     try:
-        vectors = await embedder.embed(items, EmbedConfig(G2, "CLUSTERING", 256))
+        vectors = await embedder.call(items, EmbedConfig(G2, "CLUSTERING", 256))
     finally:
         await embedder.aclose()
     assert embedder.fast_path is fast_path and vectors.shape == (3, 256)

@@ -31,7 +31,7 @@ PLAIN = base64.b64encode(PNG).decode()
 
 
 def decode(body: dict[str, Any]) -> EmbedRequest:
-    return decode_request(orjson.dumps(body), content_type=None, headers=None, limits_=LIMITS)
+    return decode_request(orjson.dumps(body), content_type=None, headers=None, request_limits=LIMITS)
 
 
 def inline(data: str, mime: str = "image/png") -> list[dict[str, Any]]:

@@ -45,7 +45,7 @@ def decode(
     body: Any, headers: dict[str, Any] | None = None, content_type: str | None = "application/json"
 ) -> EmbedRequest:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return decode_request(raw, content_type=content_type, headers=headers, limits_=LIMITS)
+    return decode_request(raw, content_type=content_type, headers=headers, request_limits=LIMITS)
 
 
 def test_texts_and_defaults() -> None:
@@ -115,7 +115,7 @@ def test_bad_requests_get_a_clear_message(body: Any, headers: Any, content_type:
     with pytest.raises(InvalidRequest) as info:
         decode(body, headers, content_type)
     assert fragment in info.value.message
-    assert info.value.code == ErrorCode.INVALID_REQUEST and not info.value.replayable
+    assert info.value.code == ErrorCode.INVALID_REQUEST and not info.value.retryable
 
 
 def test_truncate_cuts_only_overlong_texts() -> None:
@@ -155,7 +155,7 @@ def test_a_reply_with_the_wrong_number_of_vectors_is_malformed() -> None:
 
 def test_the_caller_encoding_is_what_the_worker_decodes() -> None:
     body = encode_request(["a", "b"], task_type="CLUSTERING", output_dimensionality=256, reply_encoding="float32")
-    req = decode_request(body, content_type="application/json", headers=None, limits_=LIMITS)
+    req = decode_request(body, content_type="application/json", headers=None, request_limits=LIMITS)
     assert req.inputs == ["a", "b"] and req.reply_encoding == "float32"
     assert (req.config.task_type, req.config.output_dimensionality) == ("CLUSTERING", 256)
 
@@ -198,7 +198,7 @@ def test_any_body_and_headers_give_a_valid_request_or_a_clean_error(
     body: bytes, headers: Any, content_type: Any
 ) -> None:
     try:
-        req = decode_request(body, content_type=content_type, headers=headers, limits_=LIMITS)
+        req = decode_request(body, content_type=content_type, headers=headers, request_limits=LIMITS)
     except InvalidRequest as exc:
         assert exc.message and len(exc.message) < 2000
         with pytest.raises(ErrorReply):
@@ -230,19 +230,21 @@ def gzipped(data: bytes) -> bytes:
 @pytest.mark.parametrize("encoding", ["gzip", "GZIP", "x-gzip", " Gzip "])
 def test_a_gzip_body_is_decoded_as_the_json_it_holds(encoding: str) -> None:
     body = orjson.dumps({"texts": ["a", "b"], "task_type": "CLUSTERING"})
-    req = decode_request(gzipped(body), content_type=None, headers=None, limits_=LIMITS, content_encoding=encoding)
+    req = decode_request(
+        gzipped(body), content_type=None, headers=None, request_limits=LIMITS, content_encoding=encoding
+    )
     assert req == decode(body)
     deferred = orjson.dumps({"items": [{"key": "k", "text": "t"}]})
-    got = decode_deferred(gzipped(deferred), content_type=None, limits_=LIMITS, content_encoding=encoding)
+    got = decode_deferred(gzipped(deferred), content_type=None, request_limits=LIMITS, content_encoding=encoding)
     assert (got.keys, got.texts) == (["k"], ["t"])
 
 
 @pytest.mark.parametrize("encoding", [None, "", "identity", "IDENTITY"])
 def test_no_encoding_or_identity_takes_the_body_as_it_is(encoding: str | None) -> None:
     body = orjson.dumps({"text": "a"})
-    assert decode_request(body, content_type=None, headers=None, limits_=LIMITS, content_encoding=encoding) == decode(
-        body
-    )
+    assert decode_request(
+        body, content_type=None, headers=None, request_limits=LIMITS, content_encoding=encoding
+    ) == decode(body)
 
 
 @pytest.mark.parametrize(
@@ -259,25 +261,29 @@ def test_no_encoding_or_identity_takes_the_body_as_it_is(encoding: str | None) -
 )
 def test_bodies_that_cannot_be_decoded_are_refused_by_name(body: bytes, encoding: str, message: str) -> None:
     with pytest.raises(InvalidRequest) as info:
-        decode_request(body, content_type=None, headers=None, limits_=LIMITS, content_encoding=encoding)
+        decode_request(body, content_type=None, headers=None, request_limits=LIMITS, content_encoding=encoding)
     assert message in info.value.message
     with pytest.raises(InvalidRequest, match="not supported"):
-        decode_deferred(body, content_type=None, limits_=LIMITS, content_encoding=encoding + "2")
+        decode_deferred(body, content_type=None, request_limits=LIMITS, content_encoding=encoding + "2")
 
 
 def test_a_gzip_body_just_within_the_limit_is_taken_and_one_byte_more_is_not() -> None:
     limit = LIMITS.max_body_bytes
     fits = orjson.dumps({"text": "a" * 10})
     fits += b" " * (limit - len(fits))  # exactly the limit once decompressed
-    assert decode_request(gzipped(fits), content_type=None, headers=None, limits_=LIMITS, content_encoding="gzip")
+    assert decode_request(
+        gzipped(fits), content_type=None, headers=None, request_limits=LIMITS, content_encoding="gzip"
+    )
     with pytest.raises(InvalidRequest) as info:
-        decode_request(gzipped(fits + b" "), content_type=None, headers=None, limits_=LIMITS, content_encoding="gzip")
+        decode_request(
+            gzipped(fits + b" "), content_type=None, headers=None, request_limits=LIMITS, content_encoding="gzip"
+        )
     assert info.value.message == f"body decompresses to more than {limit} bytes; the limit is {limit}"
 
 
 def test_a_gzip_bomb_is_refused_without_holding_more_than_the_limit() -> None:
     limit = 1024 * 1024
-    limits_ = RequestLimits("gemini-embedding-001", frozenset({"gemini-embedding-001"}), limit, 50, None)
+    request_limits = RequestLimits("gemini-embedding-001", frozenset({"gemini-embedding-001"}), limit, 50, None)
     compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
     zeros = bytes(1024 * 1024)
     bomb = b"".join(compressor.compress(zeros) for _ in range(128)) + compressor.flush()  # 128 MiB of zeros
@@ -285,7 +291,9 @@ def test_a_gzip_bomb_is_refused_without_holding_more_than_the_limit() -> None:
     tracemalloc.start()
     try:
         with pytest.raises(InvalidRequest, match="decompresses to more than"):
-            decode_request(bomb, content_type=None, headers=None, limits_=limits_, content_encoding="gzip")
+            decode_request(
+                bomb, content_type=None, headers=None, request_limits=request_limits, content_encoding="gzip"
+            )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -146,8 +146,8 @@ async def test_every_path_sends_the_same_request(paths: dict[str, tuple[GeminiEm
         for dims in (None, 256):
             config = EmbedConfig(model, task, dims)
             want = [expected(model, task, dims, item) for item in items]
-            fast_vectors = await fast.embed(items, config)
-            public_vectors = await public.embed(items, config)
+            fast_vectors = await fast.call(items, config)
+            public_vectors = await public.call(items, config)
             sent = {"fast path": sync_entries(fast_wire, model), "public method": sync_entries(public_wire, model)}
             await GeminiBatchJobs(public.client).submit(items, config, display_name="t")
             sent["Batch API"] = batch_entries(public_wire, model)

@@ -65,7 +65,7 @@ async def test_budget_exhausted_gives_a_retryable_error_for_every_text() -> None
     fake = FakeEmbedder(faults=[UpstreamError("500", status=500, retry_now=True)] * 10)
     out = await caller(fake, Sleeps(), attempts=3).embed(["a", "b"], CFG)
     assert len(fake.calls) == 3
-    assert all(isinstance(o, UpstreamError) and o.replayable for o in out)
+    assert all(isinstance(o, UpstreamError) and o.retryable for o in out)
 
 
 async def test_daily_quota_is_not_retried() -> None:
@@ -73,14 +73,14 @@ async def test_daily_quota_is_not_retried() -> None:
     sleeps = Sleeps()
     out = await caller(fake, sleeps).embed(["a"], CFG)
     assert len(fake.calls) == 1 and sleeps.delays == []
-    assert isinstance(out[0], RateLimited) and out[0].code == ErrorCode.RATE_LIMITED and out[0].replayable
+    assert isinstance(out[0], RateLimited) and out[0].code == ErrorCode.RATE_LIMITED and out[0].retryable
 
 
 async def test_permanent_errors_are_not_retried() -> None:
     fake = FakeEmbedder(faults=[UpstreamError("404", status=404, retry_now=False)])
     out = await caller(fake, Sleeps()).embed(["a"], CFG)
     assert len(fake.calls) == 1
-    assert isinstance(out[0], UpstreamError) and not out[0].replayable
+    assert isinstance(out[0], UpstreamError) and not out[0].retryable
 
 
 async def test_credential_errors_are_never_bisected_and_trip_the_breaker() -> None:
@@ -93,7 +93,7 @@ async def test_credential_errors_are_never_bisected_and_trip_the_breaker() -> No
     texts = [f"text {i}" for i in range(100)]
     out = await upstream.embed(texts, CFG)
     assert len(fake.calls) == 1
-    assert all(isinstance(o, CredentialError) and o.replayable for o in out)
+    assert all(isinstance(o, CredentialError) and o.retryable for o in out)
     assert opened == [True] and breaker.is_open  # paused at once, not after five failed calls
     breaker.success()
 

@@ -35,7 +35,7 @@ import orjson
 
 from worker.errors import EmbedError
 from worker.logs import safe
-from worker.messages import EmbedConfig, encode_deferred_items
+from worker.messages import EmbedConfig, encode_deferred_in
 from worker.ports import REQUEUE, BatchJobs, DeferredQueue, JobResult, StoredVector, StoreUnavailable, VectorStore
 from worker.topology import BATCH_ATTEMPTS_HEADER
 
@@ -103,10 +103,7 @@ class JobRecord:
 
     def body(self, items: list[tuple[str, str]]) -> bytes:
         """A deferred-lane message of ``items``, in this job's configuration."""
-        cfg = self.config
-        return encode_deferred_items(
-            items, model=cfg.model, task_type=cfg.task_type, output_dimensionality=cfg.output_dimensionality
-        )
+        return encode_deferred_in(items, self.config)
 
 
 class JobRounds:

@@ -95,7 +95,7 @@ class DeferredLane:
                 failures += 1
                 delay = self._backoff.delay(failures)
                 log.exception("deferred round failed; retrying in %.1fs", delay)
-                error = EmbedError(type(exc).__name__, replayable=True, code=ErrorCode.INTERNAL)
+                error = EmbedError(type(exc).__name__, retryable=True, code=ErrorCode.INTERNAL)
                 await self._answer(waiters, encode_error(error))
                 await _sleep_or_stop(stop, delay)
                 self.wake.set()
@@ -228,7 +228,7 @@ def _merge(into: RoundResult, part: RoundResult) -> None:
 
 
 def _store_unavailable(error: StoreUnavailable) -> Reply:
-    return encode_error(EmbedError(str(error), replayable=True, code=ErrorCode.STORE_UNAVAILABLE))
+    return encode_error(EmbedError(str(error), retryable=True, code=ErrorCode.STORE_UNAVAILABLE))
 
 
 async def _event_or_stop(event: asyncio.Event, stop: asyncio.Event, seconds: float) -> bool:

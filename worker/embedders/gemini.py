@@ -73,7 +73,8 @@ class GeminiEmbedder:
         self._route = _fast_route(self._client) if fast_path else None
         self.fast_path = self._route is not None
 
-    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
+    async def call(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
+        """One API call; raises ``UpstreamError`` (or a subclass)."""
         if len(texts) > limits.MAX_TEXTS_PER_CALL:
             raise ValueError(f"{len(texts)} inputs in one call; the API takes {limits.MAX_TEXTS_PER_CALL}")
         request = build_request(config, texts)
