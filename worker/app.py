@@ -35,6 +35,7 @@ from worker.errors import ConfigurationError
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.frugal import Frugal
 from worker.holding import HeldBytes, tune_allocator
+from worker.lanes import Lane, LaneConfig
 from worker.messages import RequestLimits
 from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
@@ -54,10 +55,41 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Running:
-    consumer: RpcConsumer
+    consumers: list[RpcConsumer]
     service: EmbedService
     settler: Settler
     lane_task: asyncio.Task[None] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Values:
+    """Every value object the parts take, built once from the settings."""
+
+    amqp: AmqpConfig
+    request_limits: RequestLimits
+    batching: BatchingConfig
+    retry: RetryPolicy
+    deferred: DeferredConfig
+    lanes: tuple[LaneConfig, ...]  # the RPC lanes' consumers: the default lane first
+    # Bytes of MAX_HELD_BYTES that ingestion (bulk, deferred) leaves to queries: a quarter. Their deliveries never
+    # fill the worker so that no query can be taken (README, "Lanes").
+    ingest_reserve: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> _Values:
+        reserve = settings.max_held_bytes // 4
+        return cls(
+            amqp=AmqpConfig.from_settings(settings),
+            request_limits=RequestLimits.from_settings(settings),
+            batching=BatchingConfig.from_settings(settings),
+            retry=RetryPolicy.from_settings(settings),
+            deferred=DeferredConfig.from_settings(settings),
+            lanes=(
+                LaneConfig(Lane.DEFAULT, settings.effective_prefetch, settings.batch_max_wait_ms / 1000),
+                LaneConfig(Lane.BULK, settings.effective_bulk_prefetch, settings.bulk_max_wait_ms / 1000, reserve),
+            ),
+            ingest_reserve=reserve,
+        )
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
@@ -72,13 +104,16 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
             loop.add_signal_handler(sig, stop.set)
     lane_stop = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
-        running = await _start(settings, stack, lane_stop)
+        running = await _start(settings, _Values.of(settings), stack, lane_stop)
         log.info(
-            "ready: batch size %d, max wait %.0f ms, %d concurrent batches, prefetch %d, model %s, event loop %s",
+            "ready: batch size %d, max wait %.0f ms (bulk %.0f ms), %d concurrent batches, prefetch %d (bulk %d), "
+            "model %s, event loop %s",
             settings.batch_max_size,
             settings.batch_max_wait_ms,
+            settings.bulk_max_wait_ms,
             settings.max_concurrent_batches,
             settings.effective_prefetch,
+            settings.effective_bulk_prefetch,
             settings.gemini_model,
             type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
@@ -90,7 +125,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None, read
     log.info("stopped")
 
 
-async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop: asyncio.Event) -> _Running:
+async def _start(
+    settings: Settings, values: _Values, stack: contextlib.AsyncExitStack, lane_stop: asyncio.Event
+) -> _Running:
     """Build and start everything; ``stack`` closes it all again, in reverse order."""
     metrics = Metrics()
     if not tune_allocator():
@@ -100,59 +137,65 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop
     stack.push_async_callback(embedder.aclose)
 
     log.info("connecting to %s", settings.amqp_url_redacted)
-    config = AmqpConfig.from_settings(settings)
-    connection = await connect(config)
+    connection = await connect(values.amqp)
     stack.push_async_callback(_close_connection, connection)
     # Replies (and parked copies) on a connection of their own, caller probes on a third (amqp/replies.py).
-    publish_connection = await connect(dataclasses.replace(config, connection_name="embed-worker-publish"))
+    publish_connection = await connect(dataclasses.replace(values.amqp, connection_name="embed-worker-publish"))
     stack.push_async_callback(_close_connection, publish_connection)
-    await declare_topology(
-        connection, settings.queue_type, settings.delivery_limit, settings.quorum_initial_group_size
-    )  # on a robust channel: declared again after a reconnect
+    await declare_topology(connection, values.amqp)  # on a robust channel: declared again after a reconnect
     publisher = await Publisher.open(publish_connection)
     settler = Settler(publisher, metrics)
-    probe = PlainConnector(config, "embed-worker-probe") if settings.check_callers else None
+    probe = PlainConnector(values.amqp, "embed-worker-probe") if settings.check_callers else None
     replies = RpcReplies(publisher, probe)
     stack.push_async_callback(replies.aclose)
 
-    consumer: RpcConsumer | None = None
-    breaker = CircuitBreaker(
-        settings.breaker_failures,
-        settings.breaker_cooldown_s,
-        on_open=lambda: consumer.pause() if consumer else None,
-        on_close=lambda: consumer.resume() if consumer else None,
-    )
+    consumers: list[RpcConsumer] = []
+
+    def pause() -> None:
+        for consumer in consumers:
+            consumer.pause()
+
+    def resume() -> None:
+        for consumer in consumers:
+            consumer.resume()
+
+    breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s, on_open=pause, on_close=resume)
     upstream = UpstreamCaller(
         embedder,
-        RetryPolicy.from_settings(settings),
+        values.retry,
         metrics=metrics,
         rate_limiter=await _limiter(settings, stack, metrics),
         concurrency=AdaptiveConcurrency(settings.max_concurrent_batches),
         breaker=breaker,
+        bulk_min_share=settings.bulk_min_share,
     )
     frugal = _frugal(settings, stack, upstream, metrics)
     service = EmbedService(
         frugal,
         replies,
-        limits=RequestLimits.from_settings(settings),
-        batching=BatchingConfig.from_settings(settings),
+        limits=values.request_limits,
+        batching=values.batching,
         reply_to=settings.reply_to_regex,
         metrics=metrics,
         check_callers=settings.check_callers,
         reply_max_bytes=settings.reply_max_bytes,
+        bulk_max_wait_s=settings.bulk_max_wait_ms / 1000,
     )
     for warning in settings.prefetch_warnings():
         log.warning(warning)
-    consumer = RpcConsumer(connection, settings.effective_prefetch, settler, service.handle, held)
-    await consumer.start()
-    metrics.inflight.set_function(lambda: consumer.inflight)
+    for lane in values.lanes:
+        consumer = RpcConsumer(connection, lane, settler, service.handler(lane.lane), held.share(lane.reserve_bytes))
+        await consumer.start()
+        consumers.append(consumer)
+    metrics.inflight.set_function(lambda: sum(consumer.inflight for consumer in consumers))
     metrics.held_bytes.set_function(lambda: held.held)
     metrics.held_bytes_max.set_function(lambda: held.most)
-    metrics.paused.set_function(lambda: int(consumer.paused))
-    metrics.ready.set_function(lambda: int(consumer.ready))
+    metrics.paused.set_function(lambda: int(any(consumer.paused for consumer in consumers)))
+    metrics.ready.set_function(lambda: int(_ready(consumers)))
 
     lane_task = await _start_lane(
         settings,
+        values,
         stack,
         connection=connection,
         settler=settler,
@@ -165,21 +208,30 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, lane_stop
     )
     if settings.metrics_port is not None:
         try:
-            health = await serve_metrics(metrics, lambda: consumer.ready, settings.metrics_host, settings.metrics_port)
+            health = await serve_metrics(
+                metrics, lambda: _ready(consumers), settings.metrics_host, settings.metrics_port
+            )
         except OSError as exc:
             where = f"{settings.metrics_host}:{settings.metrics_port}"
             raise ConfigurationError(f"METRICS_PORT: cannot serve metrics on {where}: {exc.strerror or exc}") from exc
         stack.push_async_callback(health.aclose)
-    return _Running(consumer, service, settler, lane_task)
+    return _Running(consumers, service, settler, lane_task)
+
+
+def _ready(consumers: list[RpcConsumer]) -> bool:
+    """/readyz: every lane's consumer connected and consuming as it wants to."""
+    return all(consumer.ready for consumer in consumers)
 
 
 async def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics) -> Limiter:
     """The API budget: this process's own, or the fleet's through Redis."""
-    if settings.upstream_limit_scope == "process" or not (settings.upstream_rpm or settings.upstream_tpm):
+    if settings.upstream_limit_scope == "process" or not settings.limited:
         return RateLimiter(
             settings.upstream_rpm,
             settings.upstream_tpm,
             window=settings.upstream_window_s,
+            usd=settings.upstream_usd_limit,
+            usd_window=settings.upstream_usd_window_s,
             on_error=metrics.ratelimit_errors.inc,
         )
     assert settings.redis_url is not None  # the settings validator says so
@@ -191,14 +243,18 @@ async def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics
         window_s=settings.upstream_window_s,
         metrics=metrics,
         on_error=metrics.ratelimit_errors.inc,
+        usd=settings.upstream_usd_limit,
+        usd_window_s=settings.upstream_usd_window_s,
     )
     stack.push_async_callback(fleet.aclose)
     await fleet.announce()  # declares this worker's budget beside the log; warns if others differ; never raises
     log.info(
-        "fleet rate limit: %g calls, %g tokens per %gs",
+        "fleet rate limit: %g calls, %g tokens per %gs; $%g per %gs",
         settings.upstream_rpm,
         settings.upstream_tpm,
         settings.upstream_window_s,
+        settings.upstream_usd_limit,
+        settings.upstream_usd_window_s,
     )
     return fleet
 
@@ -241,6 +297,7 @@ def _embedder(settings: Settings, stack: contextlib.AsyncExitStack) -> GeminiEmb
 
 async def _start_lane(
     settings: Settings,
+    values: _Values,
     stack: contextlib.AsyncExitStack,
     *,
     connection: AbstractRobustConnection,
@@ -255,7 +312,7 @@ async def _start_lane(
     """The deferred lane, when REDIS_URL turns it on."""
     if settings.redis_url is None or not settings.deferred_enabled:
         return None
-    config = DeferredConfig.from_settings(settings)
+    config = values.deferred
     store = RedisVectorStore(
         settings.redis_url.get_secret_value(),
         settings.batch_jobs_key,
@@ -263,7 +320,7 @@ async def _start_lane(
     )
     stack.push_async_callback(store.aclose)
     await _warn_if_evicting(store)
-    queue = AmqpDeferredQueue(connection, settler, publisher, held)
+    queue = AmqpDeferredQueue(connection, settler, publisher, held.share(values.ingest_reserve))
     await queue.open()
     rounds = SyncRounds(
         store,
@@ -275,7 +332,7 @@ async def _start_lane(
         # What a round paid for and Redis refused waits for the retry in memory: at most half the byte budget the
         # bodies of held messages are bounded by (MAX_HELD_BYTES), on top of it.
         paid_bytes=settings.max_held_bytes // 2,
-        budgets=BatchingConfig.from_settings(settings),
+        batching=values.batching,
     )
     jobs = None
     if config.batch_api:
@@ -291,7 +348,7 @@ async def _start_lane(
         store,
         rounds,
         replies,
-        limits=RequestLimits.from_settings(settings),
+        limits=values.request_limits,
         config=config,
         reply_to=settings.reply_to_regex,
         jobs=jobs,
@@ -337,17 +394,19 @@ async def _drain(settings: Settings, running: _Running) -> None:
     def left() -> float:
         return max(0.0, deadline - loop.time())
 
-    consumer = running.consumer
-    log.info("stopping: %d requests in hand, grace %.1fs", consumer.inflight, settings.shutdown_grace_s)
+    consumers = running.consumers
+    held = sum(consumer.inflight for consumer in consumers)
+    log.info("stopping: %d requests in hand, grace %.1fs", held, settings.shutdown_grace_s)
     try:
-        await asyncio.wait_for(consumer.stop(), min(5.0, left()))
+        await asyncio.wait_for(asyncio.gather(*(c.stop() for c in consumers)), min(5.0, left()))
     except TimeoutError:
-        log.warning("could not cancel the consumer in time (broker unreachable?); closing anyway")
+        log.warning("could not cancel the consumers in time (broker unreachable?); closing anyway")
     await running.service.close(timeout=left())
     try:
-        await asyncio.wait_for(consumer.wait_idle(), left())
+        await asyncio.wait_for(asyncio.gather(*(c.wait_idle() for c in consumers)), left())
     except TimeoutError:
-        log.warning("grace period over with %d requests unanswered; the broker will redeliver them", consumer.inflight)
+        held = sum(consumer.inflight for consumer in consumers)
+        log.warning("grace period over with %d requests unanswered; the broker will redeliver them", held)
     if running.lane_task is not None:
         # A round in progress finishes (write, settle); otherwise its messages go back to the queue.
         await asyncio.wait({running.lane_task}, timeout=left())

@@ -155,6 +155,7 @@ def _embed(args: argparse.Namespace) -> None:
     options = {"model": args.model, "task_type": args.task_type, "output_dimensionality": args.dimensions}
     if not args.file and not args.texts:
         sys.exit("embed-worker embed: give texts, or --file")
+    lane = args.lane or ("bulk" if args.file else "default")
     try:
         if args.file:
             count = asyncio.run(
@@ -166,11 +167,12 @@ def _embed(args: argparse.Namespace) -> None:
                     timeout=args.timeout,
                     chunk=args.chunk,
                     concurrency=args.concurrency,
+                    lane=lane,
                 )
             )
             print(f"{count} embeddings written to {args.output}", file=sys.stderr)
         else:
-            asyncio.run(print_vectors(url, args.texts, options, timeout=args.timeout, as_json=args.json))
+            asyncio.run(print_vectors(url, args.texts, options, timeout=args.timeout, as_json=args.json, lane=lane))
     except EmbedTimeout:
         _fail("embed-worker: no reply in time (is a worker running?)", 1)
     except EmbedClientError as exc:
@@ -270,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--dimensions", type=int, default=None)
     emb.add_argument("--timeout", type=_positive_seconds, default=30.0, help="seconds to wait for the reply")
     emb.add_argument("--json", action="store_true", help="JSON lines output")
+    emb.add_argument(
+        "--lane",
+        choices=["default", "bulk"],
+        default=None,
+        help="the RPC lane (default: bulk with --file, which is ingestion; default for texts, which are queries)",
+    )
     emb.set_defaults(func=_embed)
 
     flush = sub.add_parser("flush", help="make every worker's deferred lane drain now, and wait for it")

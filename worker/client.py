@@ -7,6 +7,10 @@ Usage::
     async with EmbedClient("amqp://guest:guest@localhost/") as client:
         vectors = await client.embed(["first text", "second text"], task_type="RETRIEVAL_DOCUMENT")
 
+Two lanes take the same requests: ``lane="default"`` (``embed.requests``) for queries a person waits on, and
+``lane="bulk"`` (``embed.requests.bulk``) for ingestion, whose calls go upstream after the default lane's. Choose
+it per client (``EmbedClient(url, lane="bulk")``) or per call (``embed(..., lane="bulk")``).
+
 Every failure is an ``EmbedClientError`` with a ``code``: the worker's error codes (``invalid_request``,
 ``upstream_error``, ...), or the client's own (``timeout``, ``connection_lost``, ``unreachable``,
 ``unroutable``, ``malformed_reply``). A timeout is also a ``TimeoutError``; a broker that answers and refuses us
@@ -32,6 +36,7 @@ from aiormq.abc import DeliveredMessage
 from worker.amqp import codec
 from worker.amqp.connection import CONNECT_ERRORS, connect_any, refusal
 from worker.errors import ConfigurationError
+from worker.lanes import Lane
 from worker.logs import redact_url
 from worker.messages import (
     FLUSH_REQUEST,
@@ -43,7 +48,15 @@ from worker.messages import (
     encode_deferred_items,
     encode_request,
 )
-from worker.topology import DEADLINE_HEADER, DEFERRED_KEY, DIRECT_REPLY_TO, EXCHANGE, FLUSH_KEY, ROUTING_KEY
+from worker.topology import (
+    BULK_KEY,
+    DEADLINE_HEADER,
+    DEFERRED_KEY,
+    DIRECT_REPLY_TO,
+    EXCHANGE,
+    FLUSH_KEY,
+    ROUTING_KEY,
+)
 from worker.vectors import FloatArray
 
 log = logging.getLogger(__name__)
@@ -78,12 +91,24 @@ class EmbedClientRefused(EmbedClientError):
 
 
 NO_DEFERRED_WORKER = "no worker of the deferred lane is listening (is one running with REDIS_URL set?)"
+LANE_KEYS = {Lane.DEFAULT: ROUTING_KEY, Lane.BULK: BULK_KEY}  # the RPC lanes a caller may choose
+
+
+def lane_key(lane: str) -> str:
+    """The routing key of an RPC lane, "default" or "bulk"; ValueError for any other."""
+    try:
+        return LANE_KEYS[Lane(lane)]
+    except (ValueError, KeyError):
+        raise ValueError(f"lane must be one of {', '.join(LANE_KEYS)}, not {lane!r}") from None
 
 
 class EmbedClient:
-    def __init__(self, url: str, *, timeout: float = 30.0, max_in_flight: int = 256, exchange: str = ""):
+    def __init__(
+        self, url: str, *, timeout: float = 30.0, max_in_flight: int = 256, exchange: str = "", lane: str = "default"
+    ):
         if timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        self._routing_key = lane_key(lane)
         self._url = url
         self._timeout = timeout
         self._exchange_name = exchange
@@ -161,12 +186,14 @@ class EmbedClient:
         output_dimensionality: int | None = None,
         timeout: float | None = None,
         binary: bool = False,
+        lane: str | None = None,
     ) -> FloatArray:
         """One vector per text, in order; raises ``EmbedClientError`` (``EmbedTimeout`` on timeout).
 
         The timeout (seconds, taken literally; None means the client's default) also becomes the request's
         ``x-deadline``, so the worker spends no upstream call on a request whose caller has stopped waiting.
-        ``binary`` asks for the float32 reply encoding."""
+        ``binary`` asks for the float32 reply encoding; ``lane`` ("default" or "bulk") overrides the client's."""
+        routing_key = self._routing_key if lane is None else lane_key(lane)
         body = encode_request(
             texts,
             model=model,
@@ -174,7 +201,7 @@ class EmbedClient:
             output_dimensionality=output_dimensionality,
             reply_encoding="float32" if binary else "json",
         )
-        message = await self.request(body, timeout=timeout)
+        message = await self.request(body, timeout=timeout, routing_key=routing_key)
         props = message.header.properties
         try:
             return decode_reply(message.body, props.content_type, props.headers, count=len(texts))
@@ -218,11 +245,12 @@ class EmbedClient:
             raise EmbedClientError("malformed_reply", str(exc), False) from None
 
     async def request(
-        self, body: bytes, *, timeout: float | None = None, routing_key: str = ROUTING_KEY, exchange: str | None = None
+        self, body: bytes, *, timeout: float | None = None, routing_key: str | None = None, exchange: str | None = None
     ) -> DeliveredMessage:
         """Publish one request and wait for its reply (the raw message). The request is mandatory: when no queue
         would take it, the broker returns it and this raises ``unroutable`` at once."""
         assert self._channel is not None, "call connect() first"
+        routing_key = self._routing_key if routing_key is None else routing_key
         wait = self._timeout if timeout is None else timeout
         if wait <= 0:
             raise EmbedTimeout(wait)

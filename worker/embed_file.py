@@ -12,8 +12,10 @@ import orjson
 from worker.client import EmbedClient
 
 
-async def print_vectors(url: str, texts: list[str], options: dict[str, Any], *, timeout: float, as_json: bool) -> None:
-    async with EmbedClient(url, timeout=timeout) as client:
+async def print_vectors(
+    url: str, texts: list[str], options: dict[str, Any], *, timeout: float, as_json: bool, lane: str = "default"
+) -> None:
+    async with EmbedClient(url, timeout=timeout, lane=lane) as client:
         vectors = await client.embed(texts, **options)
     for text, vec in zip(texts, vectors, strict=True):
         head = ", ".join(f"{x:.4f}" for x in vec[:4])
@@ -24,9 +26,18 @@ async def print_vectors(url: str, texts: list[str], options: dict[str, Any], *, 
 
 
 async def embed_file(
-    url: str, path: str, output: str, options: dict[str, Any], *, timeout: float, chunk: int, concurrency: int
+    url: str,
+    path: str,
+    output: str,
+    options: dict[str, Any],
+    *,
+    timeout: float,
+    chunk: int,
+    concurrency: int,
+    lane: str = "bulk",
 ) -> int:
-    """Embed every non-empty line, ``chunk`` lines per request, ``concurrency`` requests at a time.
+    """Embed every non-empty line, ``chunk`` lines per request, ``concurrency`` requests at a time, on the bulk
+    lane unless told otherwise (a file is ingestion: its calls go upstream after the queries of the default lane).
 
     Output order is input order: ``.npy`` holds one float32 matrix; ``.jsonl`` one
     ``{"line": n, "text": ..., "embedding": [...]}`` per line.
@@ -38,7 +49,7 @@ async def embed_file(
     from tqdm import tqdm
 
     bar = tqdm(total=len(texts), unit="text", desc="embedding")
-    async with EmbedClient(url, timeout=timeout, max_in_flight=concurrency) as client:
+    async with EmbedClient(url, timeout=timeout, max_in_flight=concurrency, lane=lane) as client:
 
         async def one(i: int) -> None:
             results[i] = await client.embed(chunks[i], binary=True, **options)

@@ -5,9 +5,11 @@ are kept apart, and each kind answers both when it is built:
 
 - ``retry_now`` (upstream errors only): may the same call succeed if we try again within this batch's retry
   budget? Yes for 429 per minute, 5xx, timeouts and connection errors.
-- ``replayable``: is the request itself fine, so that sending it again later may succeed? Then the caller is
-  told ``retryable: true`` and the message is parked in the dead-letter queue for replay. Yes for upstream
-  failures that outlived the budget, per-day quotas and credential problems; no for bad input.
+- ``retryable`` (the wire flag, under the same name): is the request itself fine, so that sending it again later
+  may succeed? Then the caller is told ``retryable: true`` and the message is parked in the dead-letter queue for
+  replay. Yes for upstream failures that outlived the budget, per-day quotas and credential problems; no for bad
+  input. One exception (``parked = False``): ``OverBudget``, a request the worker's own API budget cannot afford
+  before its ``x-deadline``; the caller may send it again, but parked it would only outlive its deadline.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ class EmbedError(Exception):
     """An error that becomes an error reply."""
 
     code: ErrorCode = ErrorCode.INTERNAL
+    parked = True  # when retryable, the message is also parked for replay (see above)
 
-    def __init__(self, message: str, *, replayable: bool = False, code: ErrorCode | None = None):
+    def __init__(self, message: str, *, retryable: bool = False, code: ErrorCode | None = None):
         super().__init__(message)
         self.message = message
-        self.replayable = replayable
+        self.retryable = retryable
         if code is not None:
             self.code = code
 
@@ -57,23 +60,38 @@ class UpstreamError(EmbedError):
         status: int | None = None,
         retry_now: bool,
         retry_after: float | None = None,
-        replayable: bool | None = None,
+        retryable: bool | None = None,
     ):
-        super().__init__(message, replayable=retry_now if replayable is None else replayable)
+        super().__init__(message, retryable=retry_now if retryable is None else retryable)
         self.status = status
         self.retry_now = retry_now
         # Seconds the API asked us to wait before retrying (google.rpc.RetryInfo), if it said.
         self.retry_after = retry_after
 
 
+class OverBudget(EmbedError):
+    """The worker's own API budget (UPSTREAM_RPM, UPSTREAM_TPM, UPSTREAM_USD_LIMIT) has no room for the request's
+    call before its ``x-deadline``: answered at once, no upstream call, retryable, not parked."""
+
+    code = ErrorCode.RATE_LIMITED
+    parked = False
+
+    def __init__(self, wait: float):
+        super().__init__(
+            f"the API budget (UPSTREAM_RPM, UPSTREAM_TPM, UPSTREAM_USD_LIMIT) has no room for {wait:.1f}s, past "
+            "the request's x-deadline; send it again later",
+            retryable=True,
+        )
+
+
 class RateLimited(UpstreamError):
     """429. A per-day quota will not recover within our retry budget, so it is not retried now; the request
-    is still good tomorrow (or after a quota raise), so it is replayable either way."""
+    is still good tomorrow (or after a quota raise), so it is retryable later either way."""
 
     code = ErrorCode.RATE_LIMITED
 
     def __init__(self, message: str, *, retry_after: float | None = None, daily: bool = False):
-        super().__init__(message, status=429, retry_now=not daily, retry_after=retry_after, replayable=True)
+        super().__init__(message, status=429, retry_now=not daily, retry_after=retry_after, retryable=True)
         self.daily = daily
 
 
@@ -84,7 +102,7 @@ class CredentialError(UpstreamError):
     once an operator has fixed the key."""
 
     def __init__(self, message: str, *, status: int | None = None, reason: str | None = None):
-        super().__init__(message, status=status, retry_now=False, replayable=True)
+        super().__init__(message, status=status, retry_now=False, retryable=True)
         self.reason = reason
 
 
@@ -94,7 +112,7 @@ class UpstreamInvalidInput(UpstreamError):
     code = ErrorCode.INVALID_REQUEST
 
     def __init__(self, message: str, *, status: int = 400):
-        super().__init__(message, status=status, retry_now=False, replayable=False)
+        super().__init__(message, status=status, retry_now=False, retryable=False)
 
 
 class StartupError(Exception):

@@ -1,9 +1,10 @@
 """Flow control towards a paid, rate-limited API: pure asyncio, no transport or SDK imports.
 
-- ``RateLimiter``: client-side requests- and tokens-per-window budgets over an exact sliding window, and the
-  API's cool-downs, for one process (``redis_quota.FleetLimiter`` shares the same budget across a fleet).
+- ``RateLimiter``: client-side requests-, tokens- and dollars-per-window budgets over exact sliding windows, and
+  the API's cool-downs, for one process (``redis_quota.FleetLimiter`` shares the same budget across a fleet).
 - ``AdaptiveConcurrency``: additive-increase / multiplicative-decrease of concurrent upstream calls;
-  each 429 halves the limit, each success grows it back by about one per round of calls.
+  each 429 halves the limit, each success grows it back by about one per round of calls (``admission.py`` waits
+  for a slot under it, in lane order).
 - ``CircuitBreaker``: after ``threshold`` consecutive failed calls it *opens* (the worker pauses
   consuming, so the queue keeps the work instead of draining it into errors); after ``cooldown``
   it lets traffic through again, and a success closes it while a failure reopens it for twice as long.
@@ -18,9 +19,12 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from types import TracebackType
+
+from worker.ports import Unaffordable
 
 log = logging.getLogger(__name__)
+
+MICRO_USD = 1_000_000  # a spend budget counts millionths of a dollar, as whole "tokens" of its window
 
 
 def call_rule(calls: float, window: float) -> tuple[int, float]:
@@ -115,8 +119,11 @@ class SlidingWindow:
 
 
 class RateLimiter:
-    """``ports.Limiter`` for one process: UPSTREAM_RPM/UPSTREAM_TPM over a sliding window, and the API's cool-downs.
-    ``on_error`` is told of each internal error (logged, and survived: see ``SlidingWindow.wait_time``)."""
+    """``ports.Limiter`` for one process: UPSTREAM_RPM/UPSTREAM_TPM over a sliding window, UPSTREAM_USD_LIMIT over
+    a window of its own (``usd``, ``usd_window``), and the API's cool-downs. Callers are served in arrival order;
+    the order between lanes is ``admission.Admission``'s, which lets one call at a time wait here and withdraws a
+    bulk call (cancelling its wait, nothing counted) when a query comes. ``on_error`` is told of each internal
+    error (logged, and survived: see ``SlidingWindow.wait_time``)."""
 
     def __init__(
         self,
@@ -124,6 +131,8 @@ class RateLimiter:
         tokens_per_window: float = 0,
         *,
         window: float = 60.0,
+        usd: float = 0.0,
+        usd_window: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_error: Callable[[], None] | None = None,
@@ -132,25 +141,37 @@ class RateLimiter:
         self._window = (
             SlidingWindow(requests_per_window, tokens_per_window, window, on_error=on_error) if limited else None
         )
+        # Spend as "tokens" of a window of its own, in millionths of a dollar (as redis_quota counts it).
+        self._spend = SlidingWindow(0, usd * MICRO_USD, usd_window, on_error=on_error) if usd > 0 else None
         self._clock = clock
         self._sleep = sleep
         self._lock = asyncio.Lock()
         self._cool_until = 0.0
-        self.waited = 0.0
 
-    async def acquire(self, tokens: int) -> None:
-        if self._window is None and self._cool_until <= self._clock():
+    async def acquire(
+        self, tokens: int, *, usd: float = 0.0, urgent: bool = True, deadline: float | None = None
+    ) -> None:
+        if self._window is None and self._spend is None and self._cool_until <= self._clock():
             return
-        async with self._lock:  # FIFO: callers are served in arrival order
+        micro = round(usd * MICRO_USD)
+        async with self._lock:
             while True:
                 now = self._clock()
-                wait = max(self._cool_until - now, self._window.wait_time(now, tokens) if self._window else 0.0)
+                wait = max(
+                    self._cool_until - now,
+                    self._window.wait_time(now, tokens) if self._window else 0.0,
+                    self._spend.wait_time(now, micro) if self._spend else 0.0,
+                )
                 if wait <= 0:
                     break
-                self.waited += wait
+                if deadline is not None and now + wait > deadline:
+                    raise Unaffordable(wait)
                 await self._sleep(wait)
+            now = self._clock()
             if self._window is not None:
-                self._window.record(self._clock(), tokens)
+                self._window.record(now, tokens)
+            if self._spend is not None:
+                self._spend.record(now, micro)
 
     async def cool_down(self, seconds: float) -> None:
         """The API asked for a pause (a 429's RetryInfo): no call of this process starts before it ends."""
@@ -158,23 +179,12 @@ class RateLimiter:
 
 
 class AdaptiveConcurrency:
+    """How many upstream calls may run at once (``admission.Admission`` keeps to it): MAX_CONCURRENT_BATCHES,
+    halved by each 429 and grown back by about one per round of successful calls."""
+
     def __init__(self, max_limit: int):
         self.max_limit = max_limit
         self.limit = float(max_limit)
-        self.inflight = 0
-        self._cond = asyncio.Condition()
-
-    async def __aenter__(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.inflight < max(1, int(self.limit)))
-            self.inflight += 1
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        async with self._cond:
-            self.inflight -= 1
-            self._cond.notify_all()
 
     def on_rate_limited(self) -> None:
         before = self.limit

@@ -4,7 +4,8 @@ from the cache without any call. Both lanes embed through this layer, in front o
 The cache key hashes everything that decides a vector: the model, the task type, the output dimensionality and
 the input's full content, so a change of any of them never hits. Values are the vectors as callers get them
 (float32, normalised). The cache is only ever a saving: when it is slow or failing it is skipped within its
-timeout, then left alone for a few seconds; writes happen after the reply, in the background.
+timeout, then left alone for a few seconds. Writes go in a background task, created before the vectors are
+returned to the caller: they never delay the reply, and may run before or after it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from worker import inputs
 from worker.inputs import EmbedInput
+from worker.lanes import Call
 from worker.messages import EmbedConfig
 from worker.metrics import Metrics
 from worker.ports import BatchEmbedder, CacheUnavailable, VectorCache
@@ -59,14 +61,14 @@ class Frugal:
         self._skip_cache_until = 0.0
         self._writes: set[asyncio.Task[None]] = set()
 
-    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> list[Outcome]:
+    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig, call: Call | None = None) -> list[Outcome]:
         unique = list(dict.fromkeys(texts))
         if len(unique) < len(texts):
             self._metrics.duplicate_inputs.inc(len(texts) - len(unique))
         outcomes: dict[EmbedInput, Outcome] = await self._cached(unique, config) if self._cache is not None else {}
         misses = [text for text in unique if text not in outcomes]
         if misses:
-            results = await self._upstream.embed(misses, config)
+            results = await self._upstream.embed(misses, config, call)
             fresh = dict(zip(misses, results, strict=True))
             outcomes.update(fresh)
             self._remember(fresh, config)
@@ -93,7 +95,8 @@ class Frugal:
         return hits
 
     def _remember(self, fresh: dict[EmbedInput, Outcome], config: EmbedConfig) -> None:
-        """Write the new vectors after the reply has gone, in one pipeline, in the background."""
+        """Start writing the new vectors, in one pipeline, in a background task (``embed`` returns without
+        waiting for it; ``close`` does)."""
         if self._cache is None or time.monotonic() < self._skip_cache_until:
             return
         entries = [

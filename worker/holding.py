@@ -73,16 +73,51 @@ class HeldBytes:
         """The weight to assume for each message the broker may still send."""
         return max(self._recent, default=self._largest) or 1
 
-    def credit(self, ceiling: int) -> int:
-        """How many more messages may be let in now, at most ``ceiling``: 0 while the budget cannot afford one,
-        except that with nothing held one is always let in (a message larger than the budget is served alone)."""
-        n = (self.limit - self.held) // self.estimate()
+    def credit(self, ceiling: int, limit: int | None = None) -> int:
+        """How many more messages may be let in now, at most ``ceiling``, while at most ``limit`` bytes (the whole
+        budget by default) are held: 0 while the budget cannot afford one, except that with nothing held one is
+        always let in (a message larger than the budget is served alone)."""
+        n = ((self.limit if limit is None else limit) - self.held) // self.estimate()
         if n <= 0:
             return 0 if self.held else 1
         return min(n, ceiling)
 
     async def wait_room(self) -> None:
         await self._room.wait()
+
+    def share(self, reserve: int = 0) -> HeldShare:
+        """A lane's view of this budget: the same bytes held, counted together, but the lane stops taking messages
+        ``reserve`` bytes earlier, leaving that room to the others (bulk leaves it to queries)."""
+        return HeldShare(self, reserve)
+
+
+class HeldShare:
+    """What one lane may hold of a ``HeldBytes``: everything it takes and gives is counted in the whole budget;
+    ``limit`` is the whole budget less the room this lane leaves to others."""
+
+    def __init__(self, budget: HeldBytes, reserve: int):
+        self.budget = budget
+        self.limit = max(1, budget.limit - reserve)
+
+    @property
+    def held(self) -> int:
+        return self.budget.held
+
+    @property
+    def spent(self) -> bool:
+        return self.budget.held >= self.limit
+
+    def take(self, size: int) -> None:
+        self.budget.take(size)
+
+    def give(self, size: int) -> None:
+        self.budget.give(size)
+
+    def estimate(self) -> int:
+        return self.budget.estimate()
+
+    def credit(self, ceiling: int) -> int:
+        return self.budget.credit(ceiling, self.limit)
 
 
 # ---------------------------------------------------------------------- giving memory back

@@ -45,6 +45,7 @@ class Content:
     parts: tuple[Part, ...]
     tokens: int = field(default=0, compare=False)
     size: int = field(default=0, compare=False)
+    usd: float = field(default=0.0, compare=False)  # estimated price at the model's sync rates (limits.PRICES)
 
 
 EmbedInput = str | Content
@@ -61,6 +62,13 @@ def tokens(item: EmbedInput) -> int:
     return limits.estimate_tokens(item) if isinstance(item, str) else item.tokens
 
 
+def usd(item: EmbedInput, model_name: str) -> float:
+    """An input's estimated price, in dollars, at ``model_name``'s sync rates (the Batch API takes half)."""
+    if isinstance(item, str):
+        return limits.estimate_tokens(item) * limits.price(model_name, "text") / 1e6
+    return item.usd
+
+
 # ---------------------------------------------------------------------- parsing, per the model's facts
 def parse_parts(raw: Any, where: str, model_name: str) -> Content:
     """``{"parts": [...]}``'s list, validated for ``model_name``. It stays a ``Content`` even when it is a single text
@@ -70,13 +78,15 @@ def parse_parts(raw: Any, where: str, model_name: str) -> Content:
         raise InvalidRequest(f"{where}.parts must be a non-empty list of parts")
     parts = tuple(_part(p, f"{where}.parts.{j}", model_name, model) for j, p in enumerate(raw))
     counts = {"image": 0, "audio": 0, "video": 0, "pdf": 0}
-    total_tokens, size = 0, ENTRY_OVERHEAD
+    total_tokens, size, price = 0, ENTRY_OVERHEAD, 0.0
     for part in parts:
         part_tokens, part_size = _part_cost(part)
         total_tokens += part_tokens
         size += part_size
+        kind = "text" if part.mime_type is None else _kind(part.mime_type)
+        price += part_tokens * limits.price(model_name, kind) / 1e6
         if part.mime_type is not None:
-            counts[_kind(part.mime_type)] += 1
+            counts[kind] += 1
     for kind, allowed in (
         ("image", model.max_images),
         ("audio", model.max_audio),
@@ -87,7 +97,7 @@ def parse_parts(raw: Any, where: str, model_name: str) -> Content:
             raise InvalidRequest(f"{where}: {counts[kind]} {kind} parts; {model_name} takes {allowed} per input")
     if total_tokens > model.max_tokens:
         raise InvalidRequest(f"{where} is about {total_tokens} tokens; {model_name} takes {model.max_tokens}")
-    return Content(parts, tokens=total_tokens, size=size)
+    return Content(parts, tokens=total_tokens, size=size, usd=price)
 
 
 def _part(raw: Any, where: str, model_name: str, model: limits.Model) -> Part:

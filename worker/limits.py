@@ -10,11 +10,19 @@ Sources (looked up for this table; re-check them when Google updates the models)
   most 32 frames are sampled); PDF up to 6 pages. Parts of one content yield ONE embedding. "You cannot use the
   task_type field for the gemini-embedding-2 model. Instead, include the task as an instruction in your prompt",
   in the formats of ``TASK_INSTRUCTIONS``. Vertex AI accepts more image types; the Gemini API guide lists these.
-- Token counts of media for embeddings are not documented. The estimates here (``MEDIA_TOKENS``) come from
+- Token counts of media for embeddings are not documented. The estimates here (``TOKENS_PER_*``) come from
   generateContent's accounting (258 tokens per 768x768 image tile) and from the embedding price table (an
   image at $0.00012 and $0.45 per M tokens is ~258 tokens; video at $0.00079 per frame and $12 per M is ~66 tokens
   per frame; audio at $0.00016 per second and $6.50 per M is ~25 tokens per second). They feed UPSTREAM_TPM
   and the per-call token budget; the API's own count is what it bills.
+- Prices (Gemini API pricing page, ai.google.dev/gemini-api/docs/pricing, paid tier, per million input tokens):
+  gemini-embedding-001 $0.15; gemini-embedding-2 text $0.20, image $0.45, audio $6.50, video $12.00; the Batch API
+  half of these. PDF pages are not priced separately: they are read as images (258 tokens a page), so they are
+  priced as images here. A model not in the table is priced as gemini-embedding-2's text (the dearest text rate),
+  the emulator's own model at nothing. These feed UPSTREAM_USD_LIMIT and ``embed_spend_usd_total``: estimates from
+  the worker's token estimate; the API's own token count is what Google bills.
+- Tier 1 limits (rate-limits page): 3,000 requests and 1M tokens per minute for embeddings; a spend cap of $10 per
+  rolling 10 minutes, which a 429 reports only once it is reached (UPSTREAM_USD_LIMIT keeps under it).
 - Request payload: a limit of 4,194,304 bytes has been reported for embedding calls ("Request payload size exceeds
   the limit"); the inline-data guide documents larger ones for generateContent. UPSTREAM_MAX_REQUEST_BYTES
   defaults to the smallest.
@@ -98,6 +106,25 @@ TOKENS_PER_AUDIO_SECOND = 25
 TOKENS_PER_VIDEO_FRAME = 66
 MAX_VIDEO_FRAMES = 32  # gemini-embedding-2 samples at most this many frames
 TOKENS_PER_PDF_PAGE = 258
+
+
+# USD per million input tokens, by model and by what a part carries (see the sources above).
+PRICES: dict[str, dict[str, float]] = {
+    "gemini-embedding-001": {"text": 0.15},
+    "gemini-embedding-2": {"text": 0.20, "image": 0.45, "audio": 6.50, "video": 12.00, "pdf": 0.45},
+    "text-embedding-004": {"text": 0.15},
+    "emulator-embedding-8d": {"text": 0.0},
+}
+BATCH_API_DISCOUNT = 0.5  # the Batch API's price, as a share of the sync one
+_UNKNOWN_PRICE = 0.20
+
+
+def price(model_name: str, kind: str = "text") -> float:
+    """USD per million input tokens of ``kind`` ("text", "image", "audio", "video", "pdf") on ``model_name``."""
+    rates = PRICES.get(model_name)
+    if rates is None:
+        return _UNKNOWN_PRICE
+    return rates.get(kind, rates["text"])
 
 
 def model(name: str) -> Model:

@@ -42,10 +42,31 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("embed_requests_received", "Request messages received", registry=r)
+        # lane: "default" (embed.requests) or "bulk" (embed.requests.bulk); spend also "deferred" (embed.deferred).
+        self.requests = Counter("embed_requests_received", "Request messages received, by lane", ["lane"], registry=r)
         self.texts = Counter("embed_texts_received", "Texts in valid requests", registry=r)
         self.replies = Counter(
-            "embed_replies", "Replies published, by outcome and code", ["outcome", "code"], registry=r
+            "embed_replies", "Replies published, by lane, outcome and code", ["lane", "outcome", "code"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "embed_queue_wait_seconds",
+            "Per text, from its request's delivery to the start of its upstream call (batching, a slot, the budget)",
+            ["lane"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "embed_request_seconds",
+            "Per request, from its delivery to its reply confirmed by the broker",
+            ["lane"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.spend = Counter(
+            "embed_spend_usd",
+            "Estimated cost of upstream calls in USD (the worker's token estimate; the API's own count is billed)",
+            ["lane", "model"],
+            registry=r,
         )
         self.dead_lettered = Counter("embed_dead_lettered", "Messages dead-lettered, by reason", ["reason"], registry=r)
         self.batch_size = Histogram("embed_batch_size", "Texts per upstream batch", buckets=_SIZES, registry=r)
@@ -77,7 +98,10 @@ class Metrics:
         )
         self.cache_errors = Counter("embed_cache_errors", "Cache reads or writes that failed or timed out", registry=r)
         self.ratelimit_wait = Counter(
-            "embed_ratelimit_wait_seconds", "Seconds upstream calls waited for the fleet's budget", registry=r
+            "embed_ratelimit_wait_seconds",
+            "Seconds upstream calls waited for the API budget (UPSTREAM_RPM, _TPM, _USD_LIMIT), by lane",
+            ["lane"],
+            registry=r,
         )
         self.ratelimit_errors = Counter(
             "embed_ratelimit_errors",

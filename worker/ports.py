@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from worker.errors import EmbedError
 from worker.inputs import EmbedInput
+from worker.lanes import Call
 from worker.messages import EmbedConfig, Reply
 from worker.vectors import FloatArray
 
@@ -173,11 +174,25 @@ class VectorStore(Protocol):
 
 
 # ---------------------------------------------------------------------- the embedding API
-class Limiter(Protocol):
-    """The API budget (UPSTREAM_RPM, UPSTREAM_TPM) that every upstream call draws from."""
+class Unaffordable(Exception):
+    """The budget cannot have room for a call before its deadline: ``wait`` seconds, at the least. Raised at once
+    (nothing counted), so the requests that cannot wait are answered ``rate_limited`` now, not at their deadline."""
 
-    async def acquire(self, tokens: int) -> None:
-        """Wait until one more call of ``tokens`` estimated tokens fits the budget, and count it."""
+    def __init__(self, wait: float):
+        super().__init__(f"the API budget has no room for {wait:.1f}s")
+        self.wait = wait
+
+
+class Limiter(Protocol):
+    """The API budget (UPSTREAM_RPM, UPSTREAM_TPM, UPSTREAM_USD_LIMIT) that every upstream call draws from."""
+
+    async def acquire(
+        self, tokens: int, *, usd: float = 0.0, urgent: bool = True, deadline: float | None = None
+    ) -> None:
+        """Wait until one more call of ``tokens`` estimated tokens and ``usd`` estimated dollars fits the budget,
+        and count it. ``urgent`` (the default lane) goes before other callers waiting on the same budget, across
+        the fleet too; ``deadline`` (the limiter's monotonic clock): raise ``Unaffordable`` if it cannot fit by
+        then."""
 
     async def cool_down(self, seconds: float) -> None:
         """The API asked for a pause (a 429's RetryInfo): every caller sharing this budget waits it out."""
@@ -196,17 +211,22 @@ class VectorCache(Protocol):
 
 
 class BatchEmbedder(Protocol):
-    """What the lanes call to embed one batch: per input a vector or the error its request gets."""
+    """What the lanes call to embed one batch: per input a vector or the error its request gets. ``call`` says
+    which lane it is for (who goes upstream first) and its deadline; raises ``Unaffordable`` when the API budget
+    cannot have room by that deadline."""
 
-    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> list[FloatArray | EmbedError]: ...
+    async def embed(
+        self, texts: Sequence[EmbedInput], config: EmbedConfig, call: Call | None = None
+    ) -> list[FloatArray | EmbedError]: ...
 
 
 class Embedder(Protocol):
-    """Embeds one batch: all texts share ``config``; returns one unit-length float32 row per text.
+    """One API call for one batch: all texts share ``config``; returns one unit-length float32 row per text.
 
-    Implementations raise ``worker.errors.UpstreamError`` (or a subclass) for API failures."""
+    ``call`` raises ``worker.errors.UpstreamError`` (or a subclass) for API failures; ``upstream.UpstreamCaller``
+    turns them into the ``BatchEmbedder`` outcomes."""
 
-    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray: ...
+    async def call(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray: ...
 
     async def aclose(self) -> None: ...
 

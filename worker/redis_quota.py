@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from worker.flow import SlidingWindow, call_rule
+from worker.flow import MICRO_USD, SlidingWindow, call_rule
 from worker.metrics import Metrics
+from worker.ports import Unaffordable
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,19 @@ RETRY_REDIS_AFTER_S = 5.0  # after a Redis failure, the local share serves this 
 HEARTBEAT_TTL_MS = 30_000  # a worker not seen for this long no longer counts towards the fleet size
 
 ADMITTED, WAIT, RESEND = 1, 0, -1  # the script's verdicts
+HOLD_BACK_MS = 25  # how much later than an urgent caller a non-urgent one tries again (see the script)
 
 # KEYS: 1 the log (sorted set; score = ms, member = "<worker>:<seq>:<tokens>"), 2 the cool-down, 3 the fleet
 # (heartbeats), 4 the budgets of live workers (hash: worker -> "<calls> <calls window ms> <tokens> <window ms>",
 # calls as flow.call_rule makes them whole).
+# 5 urgent callers waiting (sorted set; score = ms until which the marker holds, member = worker).
 # ARGV: 1 this worker's budget, 2 this call's tokens, 3 worker id, 4 this call's member, 5 heartbeat TTL ms, 6 the
 # time in ms ("" = the server's), 7 "announce" (declare the budget, count nothing) or "acquire", 8 the member of
-# this worker's latest call still in its window ("" = none), 9.. pairs (age ms, member): calls of this worker the
-# log should hold.
+# this worker's latest call still in its window ("" = none), 9 "1" for an urgent call (the default lane), else "0",
+# 10.. pairs (age ms, member): calls of this worker the log should hold.
+# Lane order across the fleet: an urgent call that must wait leaves a marker until it is back (its wait and a
+# second); while any marker holds, a non-urgent call is told to wait until the budget frees and HOLD_BACK_MS more,
+# so the urgent caller, waking first, takes the room.
 # Returns {verdict (1 admitted, 0 wait, -1 the latest call is gone: send the recent ones), ms to wait, live workers,
 # the time in ms, the budgets live workers declare, sorted, comma-separated}.
 _ACQUIRE = """
@@ -93,10 +99,15 @@ local listed = table.concat(budgets, ',')
 if ARGV[7] == 'announce' then return {0, 0, fleet, now, listed} end
 if ARGV[8] ~= '' and not redis.call('ZSCORE', KEYS[1], ARGV[8]) then return {-1, 0, fleet, now, listed} end
 
-for i = 9, #ARGV, 2 do redis.call('ZADD', KEYS[1], 'NX', now - tonumber(ARGV[i]), ARGV[i + 1]) end
-if #ARGV >= 9 then redis.call('PEXPIRE', KEYS[1], math.ceil(horizon)) end
+for i = 10, #ARGV, 2 do redis.call('ZADD', KEYS[1], 'NX', now - tonumber(ARGV[i]), ARGV[i + 1]) end
+if #ARGV >= 10 then redis.call('PEXPIRE', KEYS[1], math.ceil(horizon)) end
+local urgent = ARGV[9] == '1'
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 local cool = redis.call('PTTL', KEYS[2])
-if cool > 0 then return {0, cool, fleet, now, listed} end
+if cool > 0 then
+  if urgent then redis.call('ZADD', KEYS[5], now + cool + 1000, me) end
+  return {0, cool, fleet, now, listed}
+end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - horizon)
 local log = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
@@ -141,11 +152,17 @@ local tokens, wait = tonumber(ARGV[2]), 0
 for _, r in ipairs(rules) do
   wait = math.max(wait, calls_wait(r[1], r[2]), tokens_wait(r[3], r[4], tokens))
 end
-if wait > 0 then return {0, math.ceil(wait), fleet, now, listed} end
+wait = math.ceil(wait)
+if not urgent and redis.call('ZCARD', KEYS[5]) > 0 then return {0, wait + HOLD_BACK_MS, fleet, now, listed} end
+if wait > 0 then
+  if urgent then redis.call('ZADD', KEYS[5], now + wait + 1000, me) end
+  return {0, wait, fleet, now, listed}
+end
+if urgent then redis.call('ZREM', KEYS[5], me) end
 redis.call('ZADD', KEYS[1], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], math.ceil(horizon))
 return {1, 0, fleet, now, listed}
-"""
+""".replace("HOLD_BACK_MS", str(HOLD_BACK_MS))
 
 # A cool-down only ever grows: KEYS[1] the cool-down, ARGV[1] its length in ms.
 _COOL_DOWN = """
@@ -226,10 +243,15 @@ class FleetLimiter:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         redis_time: bool = True,
+        usd: float = 0.0,
+        usd_window_s: float = 600.0,
+        worker_id: str | None = None,
     ):
         """``on_admit`` is told the server's time (ms) of each call admitted through Redis (for tests and audits);
         ``on_error`` of each failure that sends this process to its share. ``redis_time=False`` times the log with
-        ``clock`` instead of the server's clock: for tests that move time by hand."""
+        ``clock`` instead of the server's clock: for tests that move time by hand. ``usd`` per ``usd_window_s``
+        (UPSTREAM_USD_LIMIT): a spend budget for the fleet, a log of its own in which a call's "tokens" are its
+        estimated cost in millionths of a dollar; a call waits for it before the calls and tokens budget."""
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._cool = self._redis.register_script(_COOL_DOWN)
@@ -238,6 +260,7 @@ class FleetLimiter:
             f"{prefix}ratelimit:{model}:cooldown",
             f"{prefix}fleet",
             f"{prefix}ratelimit:{model}:budgets",
+            f"{prefix}ratelimit:{model}:urgent",
         ]
         self._calls, self._tokens, self._window_s = calls, tokens, window_s
         self._budget = budget_spec(calls, tokens, window_s)
@@ -246,7 +269,7 @@ class FleetLimiter:
         self._metrics = metrics
         self._on_admit, self._on_error = on_admit, on_error
         self._clock, self._sleep, self._redis_time = clock, sleep, redis_time
-        self._id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._seq = 0
         self._lock = asyncio.Lock()  # FIFO, and one round trip at a time: the bookkeeping below is never raced
         self._fleet = 1  # live workers, as last seen in Redis
@@ -258,6 +281,25 @@ class FleetLimiter:
         self._retry_redis_at = 0.0
         self._share_until = 0.0  # once Redis answers again, the share binds as well until then
         self._cool_until = 0.0
+        self._spend = (
+            FleetLimiter(
+                url,
+                prefix=prefix,
+                calls=0,
+                tokens=usd * MICRO_USD,
+                window_s=usd_window_s,
+                metrics=metrics,
+                timeout_s=timeout_s,
+                model="spend",
+                on_error=on_error,
+                clock=clock,
+                sleep=sleep,
+                redis_time=redis_time,
+                worker_id=self._id,  # one worker in the fleet's count, whichever log it draws on
+            )
+            if usd > 0
+            else None
+        )
 
     async def announce(self) -> None:
         """Declare this worker's budget to the fleet, and warn if live workers declare others: call it at start."""
@@ -265,25 +307,31 @@ class FleetLimiter:
             reply = await self._ask("announce", 0, "")
             if reply is not None:
                 self._answered(reply)
+        if self._spend is not None:
+            await self._spend.announce()
 
-    async def acquire(self, tokens: int) -> None:
+    async def acquire(
+        self, tokens: int, *, usd: float = 0.0, urgent: bool = True, deadline: float | None = None
+    ) -> None:
+        if self._spend is not None:
+            await self._spend.acquire(round(usd * MICRO_USD), urgent=urgent, deadline=deadline)
         async with self._lock:
             self._seq += 1
             member = f"{self._id}:{self._seq}:{tokens}"
-            while not await self._admitted(tokens, member):
+            while not await self._admitted(tokens, member, urgent, deadline):
                 pass
             self._remember(_Call(self._clock(), tokens, member), sent=not self._redis_away)
 
-    async def _admitted(self, tokens: int, member: str) -> bool:
+    async def _admitted(self, tokens: int, member: str, urgent: bool, deadline: float | None) -> bool:
         """One try: wait for the cool-down and the share, then ask Redis (unless it is away). False: try again."""
         now = self._clock()
         wait = max(self._cool_until - now, self._share_wait(now, tokens))
         if wait > 0:
-            await self._sleep(wait)
+            await self._wait(now, wait, deadline)
             return False
         if self._redis_away and now < self._retry_redis_at:
             return True
-        reply = await self._ask("acquire", tokens, member)
+        reply = await self._ask("acquire", tokens, member, urgent)
         if reply is None:
             return False  # the share serves now: the next try waits for it
         if reply.verdict == RESEND:
@@ -294,11 +342,15 @@ class FleetLimiter:
                 self._on_admit(reply.server_ms)
             return True
         if reply.verdict == WAIT:
-            self._metrics.ratelimit_wait.inc(reply.wait_ms / 1000)
-            await self._sleep(reply.wait_ms / 1000)
+            await self._wait(now, reply.wait_ms / 1000, deadline)
         return False
 
-    async def _ask(self, mode: str, tokens: int, member: str) -> Reply | None:
+    async def _wait(self, now: float, seconds: float, deadline: float | None) -> None:
+        if deadline is not None and now + seconds > deadline:
+            raise Unaffordable(seconds)
+        await self._sleep(seconds)
+
+    async def _ask(self, mode: str, tokens: int, member: str, urgent: bool = True) -> Reply | None:
         """Run the script; None when it failed (and the share now serves)."""
         now = self._clock()
         self._forget(now)
@@ -313,6 +365,7 @@ class FleetLimiter:
             "" if self._redis_time else round(now * 1000),
             mode,
             latest.member if latest is not None else "",
+            "1" if urgent else "0",
         ]
         for call in seeds:
             args += [int((now - call.at) * 1000), call.member]
@@ -423,4 +476,6 @@ class FleetLimiter:
             self._failed(exc)
 
     async def aclose(self) -> None:
+        if self._spend is not None:
+            await self._spend.aclose()
         await self._redis.aclose()

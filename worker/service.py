@@ -1,4 +1,9 @@
-"""The RPC lane: a delivery -> batcher -> upstream -> its reply -> a ``Settle`` value. No AMQP here.
+"""The RPC lanes: a delivery -> batcher -> upstream -> its reply -> a ``Settle`` value. No AMQP here.
+
+Both RPC lanes (``lanes.Lane``: the default lane and bulk) take the same requests and get the same replies; each
+has a batcher of its own (bulk may wait longer for full batches), and no call mixes the two, so a query's call
+never waits for bulk's longer wait and carries only queries. Which lane's call goes upstream first is
+``admission.py``'s choice.
 
 ``EmbedService.handle`` publishes the reply (confirmed by the broker) and returns what should become of the
 delivery; ``amqp/settle.py`` applies it. The decisions, in the order they are taken:
@@ -12,7 +17,8 @@ delivery; ``amqp/settle.py`` applies it. The decisions, in the order they are ta
 | its reply would exceed REPLY_MAX_BYTES (estimated)      | error invalid_request           | ack                     |
 | embeddings                                              | vectors                         | ack                     |
 | deadline passed before the call, or bad input           | error, retryable=false          | ack                     |
-| upstream failed but the request is good (replayable)    | error, retryable=true           | dead-letter for replay  |
+| API budget has no room before the deadline (OverBudget) | error rate_limited, retryable=true | ack                  |
+| upstream failed but the request is good (retryable)     | error, retryable=true           | dead-letter for replay  |
 | internal error                                          | error internal, retryable=true  | dead-letter for replay  |
 | worker shutting down before the batch ran               | none                            | requeue                 |
 | caller gone (reply returned, or 541 over its name alone) | dropped, counted               | as decided above        |
@@ -25,9 +31,12 @@ A refused reply is final: requeueing it would embed the request again, and be re
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +44,9 @@ import numpy as np
 
 from worker.batcher import Batcher, BatcherClosed, BatchStats
 from worker.budgets import BatchingConfig, weigh
-from worker.errors import DeadlineExceeded, EmbedError, ErrorCode, InvalidRequest
+from worker.errors import DeadlineExceeded, EmbedError, ErrorCode, InvalidRequest, OverBudget
 from worker.inputs import EmbedInput
+from worker.lanes import Call, Lane
 from worker.logs import context, safe
 from worker.messages import (
     EmbedConfig,
@@ -58,6 +68,7 @@ from worker.ports import (
     ReplyTooLarge,
     ReplyUndeliverable,
     Settle,
+    Unaffordable,
     dead_letter,
 )
 from worker.topology import DIRECT_REPLY_TO_PREFIX
@@ -85,7 +96,7 @@ def refuse_before_decoding(delivery: Delivery, allowed: re.Pattern[str]) -> tupl
 
 def settle_for_error(error: EmbedError) -> Settle:
     """An error reply is always sent; a good request that failed for reasons outside it is also parked."""
-    if error.replayable:
+    if error.retryable and error.parked:
         label = "internal" if error.code == ErrorCode.INTERNAL else "upstream_failed"
         return dead_letter(label, f"{error.code}: {error.message}")
     return ACK
@@ -98,7 +109,8 @@ def _weigh_item(item: _Item) -> tuple[int, int]:
 @dataclass(frozen=True, slots=True)
 class _Item:
     input: EmbedInput
-    deadline: float | None
+    deadline: float | None  # epoch seconds (x-deadline)
+    received: float  # monotonic: when its request was delivered
 
 
 class EmbedService:
@@ -113,7 +125,10 @@ class EmbedService:
         metrics: Metrics,
         check_callers: bool = True,
         reply_max_bytes: int = 16 * 1024 * 1024,
+        bulk_max_wait_s: float | None = None,
     ):
+        """``batching.max_wait_s`` is the default lane's; bulk's is ``bulk_max_wait_s`` (BULK_MAX_WAIT_MS), the
+        same when None."""
         self._check_callers = check_callers
         # The largest reply we publish: REPLY_MAX_BYTES, lowered to the broker's own limit once it has said it.
         self._reply_max = reply_max_bytes
@@ -122,21 +137,42 @@ class EmbedService:
         self._publisher = publisher
         self._limits = limits
         self._reply_to = reply_to
-        self.batcher: Batcher[EmbedConfig, _Item, Outcome] = Batcher(
-            self._embed_batch,
-            max_size=batching.max_size,
-            max_wait=batching.max_wait_s,
-            max_concurrent=batching.max_concurrent,
-            on_batch=self._log_batch,
-            weigh=lambda config: _weigh_item if batching.weighing(config) else None,
-            budgets=batching.budgets,
-        )
+        waits = {Lane.DEFAULT: batching.max_wait_s, Lane.BULK: batching.max_wait_s}
+        if bulk_max_wait_s is not None:
+            waits[Lane.BULK] = bulk_max_wait_s
+        self.batchers: dict[Lane, Batcher[EmbedConfig, _Item, Outcome]] = {
+            lane: Batcher(
+                functools.partial(self._embed_batch, lane),
+                max_size=batching.max_size,
+                max_wait=wait,
+                max_concurrent=batching.max_concurrent,
+                on_batch=self._log_batch,
+                weigh=lambda config: _weigh_item if batching.weighing(config) else None,
+                budgets=batching.budgets,
+            )
+            for lane, wait in waits.items()
+        }
         self._batching = batching
-        self._replies_ok = metrics.replies.labels("ok", "ok")  # bound once: a labels() lookup per reply costs
+        # Bound once per lane: a labels() lookup per reply costs.
+        self._replies_ok = {lane: metrics.replies.labels(lane, "ok", "ok") for lane in waits}
+        self._received = {lane: metrics.requests.labels(lane) for lane in waits}
+        self._latency = {lane: metrics.request_seconds.labels(lane) for lane in waits}
+        self._queue_wait = {lane: metrics.queue_wait.labels(lane) for lane in waits}
+
+    def handler(self, lane: Lane) -> Callable[[Delivery], Awaitable[Settle]]:
+        """What a lane's consumer calls for each of its deliveries."""
+        return functools.partial(self.handle, lane=lane)
 
     # ------------------------------------------------------------------ one delivery
-    async def handle(self, delivery: Delivery) -> Settle:
-        self.metrics.requests.inc()
+    async def handle(self, delivery: Delivery, lane: Lane = Lane.DEFAULT) -> Settle:
+        received = time.monotonic()
+        self._received[lane].inc()
+        try:
+            return await self._handle(delivery, lane, received)
+        finally:
+            self._latency[lane].observe(time.monotonic() - received)
+
+    async def _handle(self, delivery: Delivery, lane: Lane, received: float) -> Settle:
         refused = refuse_before_decoding(delivery, self._reply_to)
         if refused is not None:
             reply, settle = refused
@@ -146,7 +182,7 @@ class EmbedService:
                 safe(delivery.message_id),
                 extra=context(delivery.correlation_id),
             )
-            return await self._finish(delivery, reply, settle, code="invalid_request")
+            return await self._finish(delivery, lane, reply, settle, code="invalid_request")
         assert delivery.reply_to is not None
         try:
             request = decode_request(
@@ -154,7 +190,7 @@ class EmbedService:
                 content_type=delivery.content_type,
                 content_encoding=delivery.content_encoding,
                 headers=delivery.headers,
-                limits_=self._limits,
+                request_limits=self._limits,
             )
         except EmbedError as exc:
             log.info(
@@ -163,17 +199,17 @@ class EmbedService:
                 safe(exc.message),
                 extra=context(delivery.correlation_id),
             )
-            return await self._finish(delivery, encode_error(exc), settle_for_error(exc), code=exc.code)
+            return await self._finish(delivery, lane, encode_error(exc), settle_for_error(exc), code=exc.code)
         self.metrics.texts.inc(len(request.inputs))
         if self._batching.weighing(request.config) is not None:  # else no input can break a budget
             for i, item in enumerate(request.inputs):
                 if (why := self._batching.over_budget(item)) is not None:
                     refusal = InvalidRequest(f"input {i} is {why}")
-                    return await self._finish(delivery, encode_error(refusal), ACK, code=refusal.code)
+                    return await self._finish(delivery, lane, encode_error(refusal), ACK, code=refusal.code)
         size = reply_bytes(len(request.inputs), request.config.dimensions, request.reply_encoding)
         if size > self._reply_max:  # refused before any upstream call: its vectors could never be delivered
             refusal = self._too_large(size)
-            return await self._finish(delivery, encode_error(refusal), ACK, code=refusal.code)
+            return await self._finish(delivery, lane, encode_error(refusal), ACK, code=refusal.code)
         if (
             self._check_callers
             and delivery.reply_to.startswith(DIRECT_REPLY_TO_PREFIX)
@@ -185,12 +221,12 @@ class EmbedService:
                 safe(delivery.correlation_id),
                 extra=context(delivery.correlation_id),
             )
-            self.metrics.replies.labels("dropped", "caller_gone").inc()
+            self.metrics.replies.labels(lane, "dropped", "caller_gone").inc()
             return ACK
 
         try:
-            outcomes = await self.batcher.submit(
-                request.config, [_Item(item, request.deadline) for item in request.inputs]
+            outcomes = await self.batchers[lane].submit(
+                request.config, [_Item(item, request.deadline, received) for item in request.inputs]
             )
         except BatcherClosed:
             return REQUEUE  # shutting down before this request's batch ran: let another worker take it
@@ -200,8 +236,10 @@ class EmbedService:
                 safe(delivery.correlation_id),
                 extra=context(delivery.correlation_id),
             )
-            internal = EmbedError(f"internal error: {type(exc).__name__}", replayable=True)
-            return await self._finish(delivery, encode_error(internal), settle_for_error(internal), code=internal.code)
+            internal = EmbedError(f"internal error: {type(exc).__name__}", retryable=True)
+            return await self._finish(
+                delivery, lane, encode_error(internal), settle_for_error(internal), code=internal.code
+            )
 
         error = next((o for o in outcomes if isinstance(o, EmbedError)), None)
         if error is not None:
@@ -212,13 +250,13 @@ class EmbedService:
                 safe(error.message),
                 extra=context(delivery.correlation_id),
             )
-            return await self._finish(delivery, encode_error(error), settle_for_error(error), code=error.code)
+            return await self._finish(delivery, lane, encode_error(error), settle_for_error(error), code=error.code)
         vectors = np.stack(outcomes)  # type: ignore[arg-type]  # no errors left, checked above
         reply = encode_vectors(vectors, request.config.model, request.reply_encoding)
         if len(reply.body) > self._reply_max:  # the estimate is an upper bound; this is the last line
             refusal = self._too_large(len(reply.body))
-            return await self._finish(delivery, encode_error(refusal), ACK, code=refusal.code)
-        return await self._finish(delivery, reply, ACK, code="ok")
+            return await self._finish(delivery, lane, encode_error(refusal), ACK, code=refusal.code)
+        return await self._finish(delivery, lane, reply, ACK, code="ok")
 
     def _too_large(self, size: int) -> InvalidRequest:
         return InvalidRequest(
@@ -227,7 +265,9 @@ class EmbedService:
             'or ask for reply_encoding "float32" (4 bytes a number)'
         )
 
-    async def _finish(self, delivery: Delivery, reply: Reply | None, settle: Settle, *, code: str) -> Settle:
+    async def _finish(
+        self, delivery: Delivery, lane: Lane, reply: Reply | None, settle: Settle, *, code: str
+    ) -> Settle:
         """Publish ``reply`` (if any) and wait for its confirm, then hand back ``settle``; see the table above for
         what a reply the broker would not take becomes."""
         if reply is None:
@@ -239,32 +279,34 @@ class EmbedService:
             await self._publisher.publish_reply(delivery.reply_to, delivery.correlation_id, reply)
         except ReplyUndeliverable:
             log.info("reply dropped: the caller is gone (correlation_id=%s)", cid, extra=where)
-            self.metrics.replies.labels("dropped", "caller_gone").inc()
+            self.metrics.replies.labels(lane, "dropped", "caller_gone").inc()
         except ReplyTooLarge as exc:
             self._reply_max = min(self._reply_max, exc.limit)
             log.warning("reply refused by the broker: %s (correlation_id=%s)", exc.reason, cid, extra=where)
-            self.metrics.replies.labels("refused", "too_large").inc()
+            self.metrics.replies.labels(lane, "refused", "too_large").inc()
             refusal = self._too_large(exc.size)
-            return await self._finish(delivery, encode_error(refusal), settle, code=refusal.code)
+            return await self._finish(delivery, lane, encode_error(refusal), settle, code=refusal.code)
         except ReplyRefused as exc:
             log.warning("reply refused by the broker: %s (correlation_id=%s); parking", exc.reason, cid, extra=where)
-            self.metrics.replies.labels("refused", code).inc()
+            self.metrics.replies.labels(lane, "refused", code).inc()
             return dead_letter("reply_refused", f"the broker refused the reply: {exc.reason}")
         except Exception as exc:
             log.warning("could not publish reply (correlation_id=%s): %r; requeueing", cid, exc, extra=where)
             return REQUEUE
         else:
-            self._replied(code).inc()
+            self._replied(lane, code).inc()
         return settle
 
-    def _replied(self, code: str) -> Any:
+    def _replied(self, lane: Lane, code: str) -> Any:
         if code == "ok":
-            return self._replies_ok
-        return self.metrics.replies.labels("error", str(code))
+            return self._replies_ok[lane]
+        return self.metrics.replies.labels(lane, "error", str(code))
 
     # ------------------------------------------------------------------ one batch
-    async def _embed_batch(self, config: EmbedConfig, items: list[_Item]) -> list[Outcome]:
-        """Drop items whose deadline passed (no upstream cost), embed the rest in one call."""
+    async def _embed_batch(self, lane: Lane, config: EmbedConfig, items: list[_Item]) -> list[Outcome]:
+        """Drop items whose deadline passed (no upstream cost), embed the rest in one call. When the API budget
+        cannot have room before the earliest deadline, the items that cannot wait that long are answered
+        ``OverBudget`` at once and the rest try again (each round answers at least the earliest)."""
         now = time.time()
         outcomes: list[Outcome | None] = [None] * len(items)
         live: list[int] = []
@@ -273,10 +315,29 @@ class EmbedService:
                 outcomes[i] = DeadlineExceeded("the request's x-deadline passed before it was sent upstream")
             else:
                 live.append(i)
-        if live:
-            results = await self._upstream.embed([items[i].input for i in live], config)
+        while live:
+            deadlines = [d for i in live if (d := items[i].deadline) is not None]
+            call = Call(lane, min(deadlines) if deadlines else None)
+            try:
+                results = await self._upstream.embed([items[i].input for i in live], config, call)
+            except Unaffordable as exc:
+                until, refusal = time.time() + exc.wait, OverBudget(exc.wait)
+                waiting = []
+                for i in live:
+                    deadline = items[i].deadline
+                    if deadline is not None and deadline < until:
+                        outcomes[i] = refusal
+                    else:
+                        waiting.append(i)
+                live = waiting
+                continue
+            if call.admitted_at is not None:
+                queue_wait = self._queue_wait[lane]
+                for i in live:
+                    queue_wait.observe(call.admitted_at - items[i].received)
             for i, result in zip(live, results, strict=True):
                 outcomes[i] = result
+            break
         return outcomes  # type: ignore[return-value]
 
     def _log_batch(self, stats: BatchStats) -> None:
@@ -294,4 +355,4 @@ class EmbedService:
             )
 
     async def close(self, timeout: float | None) -> None:
-        await self.batcher.close(timeout=timeout)
+        await asyncio.gather(*(batcher.close(timeout=timeout) for batcher in self.batchers.values()))

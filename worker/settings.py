@@ -1,4 +1,5 @@
-"""Runtime settings, read from the environment (and ``.env``) once, in the composition root."""
+"""Runtime settings, read from the environment (and ``.env``) once per process by ``cli`` (never at import) and
+handed to the composition root, ``app.run_worker``."""
 
 from __future__ import annotations
 
@@ -82,6 +83,17 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(default=limits.MAX_TEXTS_PER_CALL, ge=1, le=limits.MAX_TEXTS_PER_CALL)
     batch_max_wait_ms: float = Field(default=50.0, ge=0)
     max_concurrent_batches: int = Field(default=4, ge=1)
+
+    # --- lanes: embed.requests (the default lane, queries) and embed.requests.bulk (ingestion) ---
+    # Bulk's prefetch (unset = the same rule as PREFETCH_COUNT) and how long its batches wait to fill; its calls
+    # go upstream after the default lane's, keeping BULK_MIN_SHARE of the slots while queries wait.
+    bulk_prefetch_count: int | None = Field(default=None, ge=1)
+    bulk_max_wait_ms: float = Field(default=200.0, ge=0)
+    bulk_min_share: float = Field(default=0.25, ge=0, le=1)
+    # A spend cap: estimated USD per UPSTREAM_USD_WINDOW_S (0 = none; Tier 1's is $10 per rolling 10 minutes),
+    # in UPSTREAM_LIMIT_SCOPE like UPSTREAM_RPM and UPSTREAM_TPM.
+    upstream_usd_limit: float = Field(default=0, ge=0)
+    upstream_usd_window_s: float = Field(default=600.0, gt=0)
 
     # --- request limits ---
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
@@ -211,7 +223,7 @@ class Settings(BaseSettings):
             given = hostport.rpartition("]")[2].partition(":")[2]
             raise ValueError(f"port {given!r} in {shown} is not a number from 1 to 65535")
 
-    @field_validator("upstream_rpm", "upstream_tpm", "upstream_window_s")
+    @field_validator("upstream_rpm", "upstream_tpm", "upstream_window_s", "upstream_usd_limit", "upstream_usd_window_s")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -222,8 +234,12 @@ class Settings(BaseSettings):
     def _sensible_budget(self) -> Settings:
         """A fractional UPSTREAM_RPM is accepted (``flow.call_rule``: 2.5 admits 2 calls per window, 0.5 one call per
         two windows); budgets that could not admit one call an hour, or not one token, are refused."""
-        if self.upstream_window_s > MAX_WINDOW_S:
-            raise ValueError(f"UPSTREAM_WINDOW_S={self.upstream_window_s:g} is longer than a day ({MAX_WINDOW_S:g}s)")
+        for name, window in (
+            ("UPSTREAM_WINDOW_S", self.upstream_window_s),
+            ("UPSTREAM_USD_WINDOW_S", self.upstream_usd_window_s),
+        ):
+            if window > MAX_WINDOW_S:
+                raise ValueError(f"{name}={window:g} is longer than a day ({MAX_WINDOW_S:g}s)")
         if self.upstream_rpm and self.upstream_window_s / self.upstream_rpm > MAX_CALL_SPACING_S:
             raise ValueError(
                 f"UPSTREAM_RPM={self.upstream_rpm:g} per {self.upstream_window_s:g}s allows one call every "
@@ -261,22 +277,38 @@ class Settings(BaseSettings):
 
     # --- derived values ---
     @property
-    def effective_prefetch(self) -> int:
-        """Messages the broker may hand this consumer before any ack.
+    def effective_bulk_prefetch(self) -> int:
+        """The bulk lane's window: BULK_PREFETCH_COUNT, else the rule of ``_wanted_prefetch``, capped for quorum."""
+        wanted = self.bulk_prefetch_count or self._wanted_prefetch
+        return min(wanted, QUORUM_MAX_PREFETCH) if self.queue_type == "quorum" else wanted
+
+    @property
+    def limited(self) -> bool:
+        """Whether any API budget is set (UPSTREAM_RPM, UPSTREAM_TPM, UPSTREAM_USD_LIMIT)."""
+        return bool(self.upstream_rpm or self.upstream_tpm or self.upstream_usd_limit)
+
+    @property
+    def _wanted_prefetch(self) -> int:
+        """PREFETCH_COUNT, else the window the batches need.
 
         Messages stay unacked until their batch's replies are out, so the window must hold every batch
         in flight (``size x concurrency``) and the next round forming behind them (as much again), plus
         one batch of slack: ``size x (2 x concurrency + 1)``. Measured with the upstream-bound benchmark
         (300 ms upstream): mean batch 96 texts at size x (concurrency + 1), 100 at this window.
         """
-        wanted = self.prefetch_count or self.batch_max_size * (2 * self.max_concurrent_batches + 1)
+        return self.prefetch_count or self.batch_max_size * (2 * self.max_concurrent_batches + 1)
+
+    @property
+    def effective_prefetch(self) -> int:
+        """Messages the broker may hand this consumer before any ack: ``_wanted_prefetch``, capped for quorum."""
+        wanted = self._wanted_prefetch
         if self.queue_type == "quorum":
             return min(wanted, QUORUM_MAX_PREFETCH)  # RabbitMQ 4.x caps it anyway; say so (prefetch_warnings)
         return wanted
 
     def prefetch_warnings(self) -> list[str]:
         prefetch = self.effective_prefetch
-        wanted = self.prefetch_count or self.batch_max_size * (2 * self.max_concurrent_batches + 1)
+        wanted = self._wanted_prefetch
         if wanted > prefetch:
             return [
                 f"prefetch {wanted} is above the {QUORUM_MAX_PREFETCH} RabbitMQ 4.x allows a quorum queue consumer; "

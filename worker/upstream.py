@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from worker import inputs
+from worker.admission import Admission
 from worker.backoff import Backoff
 from worker.errors import CredentialError, EmbedError, InvalidRequest, RateLimited, UpstreamError, UpstreamInvalidInput
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.inputs import EmbedInput
+from worker.lanes import Call, Lane
 from worker.logs import safe
 from worker.messages import EmbedConfig
 from worker.metrics import Metrics
@@ -54,24 +56,34 @@ class UpstreamCaller:
         rate_limiter: Limiter | None = None,
         concurrency: AdaptiveConcurrency | None = None,
         breaker: CircuitBreaker | None = None,
+        bulk_min_share: float = 0.25,
     ):
         self.metrics = metrics
         self._embedder = embedder
         self._policy = policy
         self._sleep = sleep
         self._rate = rate_limiter or RateLimiter()
-        self._concurrency = concurrency
+        self._concurrency = concurrency or AdaptiveConcurrency(2**31 - 1)
+        self.admission = Admission(
+            lambda: int(self._concurrency.limit),
+            self._rate,
+            bulk_min_share=bulk_min_share,
+            on_budget_wait=self._budget_waited,
+        )
         self.breaker = breaker
 
-    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> list[Outcome]:
+    async def embed(self, texts: Sequence[EmbedInput], config: EmbedConfig, call: Call | None = None) -> list[Outcome]:
+        """Per input a vector or its error. Raises ``Unaffordable`` when the API budget cannot have room before
+        ``call.deadline``: nothing was sent, nothing counted."""
+        call = call or Call()
         attempt = 0
         while True:
             attempt += 1
             try:
-                vectors = await self._call(texts, config)
+                vectors = await self._call(texts, config, call)
             except UpstreamInvalidInput as exc:
                 self.metrics.upstream_errors.labels(str(exc.status)).inc()
-                return await self._isolate(texts, config, exc)
+                return await self._isolate(texts, config, call, exc)
             except CredentialError as exc:
                 # Every call will fail alike until an operator fixes the key: no bisection, no retry, and
                 # consumption pauses at once so the queue keeps the rest of the work.
@@ -82,8 +94,7 @@ class UpstreamCaller:
                 return [exc] * len(texts)
             except RateLimited as exc:
                 self.metrics.upstream_errors.labels("429").inc()
-                if self._concurrency is not None:
-                    self._concurrency.on_rate_limited()
+                self._concurrency.on_rate_limited()
                 self._failed()
                 if exc.retry_after:
                     await self._rate.cool_down(exc.retry_after)  # shared: with a fleet limit, every worker waits
@@ -98,23 +109,31 @@ class UpstreamCaller:
                     return [exc] * len(texts)
                 await self._backoff(attempt, exc)
             else:
-                if self._concurrency is not None:
-                    self._concurrency.on_success()
+                self._concurrency.on_success()
                 if self.breaker is not None:
                     self.breaker.success()
                 return list(vectors)
 
-    async def _call(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
-        await self._rate.acquire(sum(inputs.tokens(t) for t in texts))
-        if self._concurrency is None:
-            return await self._timed(texts, config)
-        async with self._concurrency:
-            return await self._timed(texts, config)
+    async def _call(self, texts: Sequence[EmbedInput], config: EmbedConfig, call: Call) -> FloatArray:
+        """One attempt: a slot and the budget, in lane order (``admission.py``), then the API call."""
+        tokens = sum(inputs.tokens(t) for t in texts)
+        usd = sum(inputs.usd(t, config.model) for t in texts)
+        deadline = None if call.deadline is None else time.monotonic() + (call.deadline - time.time())
+        async with self.admission.call(call.lane, tokens, usd=usd, deadline=deadline):
+            if call.admitted_at is None:
+                call.admitted_at = time.monotonic()
+            vectors = await self._timed(texts, config)
+            self.metrics.spend.labels(call.lane, config.model).inc(usd)
+            return vectors
+
+    def _budget_waited(self, lane: Lane, seconds: float) -> None:
+        if seconds > 0.0005:  # a wait at all, not the cost of asking
+            self.metrics.ratelimit_wait.labels(lane).inc(seconds)
 
     async def _timed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
         started = time.perf_counter()
         try:
-            return await self._embedder.embed(texts, config)
+            return await self._embedder.call(texts, config)
         finally:
             self.metrics.upstream_latency.observe(time.perf_counter() - started)
 
@@ -129,11 +148,12 @@ class UpstreamCaller:
         await self._sleep(delay)
 
     async def _isolate(
-        self, texts: Sequence[EmbedInput], config: EmbedConfig, exc: UpstreamInvalidInput
+        self, texts: Sequence[EmbedInput], config: EmbedConfig, call: Call, exc: UpstreamInvalidInput
     ) -> list[Outcome]:
         """The API rejected the whole batch for some input in it: bisect until the culprit stands alone."""
         if len(texts) == 1:
             return [InvalidRequest(f"rejected by the embedding API: {exc.message}")]
         mid = len(texts) // 2
-        left, right = await asyncio.gather(self.embed(texts[:mid], config), self.embed(texts[mid:], config))
+        lane = Call(call.lane)  # no deadline: once its call was made, a batch is seen through
+        left, right = await asyncio.gather(self.embed(texts[:mid], config, lane), self.embed(texts[mid:], config, lane))
         return left + right

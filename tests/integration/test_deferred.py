@@ -214,8 +214,12 @@ async def test_worker_killed_before_the_write_loses_nothing(
         check_vector(await stored(redis_url, key), text)
 
 
+@pytest.mark.parametrize(
+    ("lane", "said"),
+    [("deferred", "3 items handed over; this flush wrote 3 vectors"), ("bulk", "3 items embedded on the bulk lane")],
+)
 async def test_example_ingestion_script(
-    start_worker: Any, vhost: str, redis_url: str, prefix: str, tmp_path: Any
+    start_worker: Any, vhost: str, redis_url: str, prefix: str, tmp_path: Any, *, lane: str, said: str
 ) -> None:
     await start_worker(redis_url=redis_url, **SLOW)
     source = tmp_path / "docs.txt"
@@ -230,12 +234,14 @@ async def test_example_ingestion_script(
         vhost,
         "--redis",
         redis_url,
+        "--lane",
+        lane,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    assert "3 items handed over; this flush wrote 3 vectors" in out.decode()
+    assert said in out.decode()
     for i, text in enumerate(["first document", "second document", "third document"]):
         fields = await stored(redis_url, f"{prefix}{i}")
         assert fields[b"text"] == text.encode()

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import free_port
 from tests.integration.helpers import RawCaller, assert_right_vectors
 from worker import topology
-from worker.amqp.connection import declare_topology
+from worker.amqp.connection import AmqpConfig, declare_topology
 from worker.client import EmbedClient
 from worker.emulator import EmulatorState
 
@@ -49,7 +49,7 @@ async def _backlog(url: str, bodies: list[bytes], reply_to: str, queue_type: str
     """Requests waiting in the queue before any worker starts."""
     connection = await aio_pika.connect_robust(url)
     try:
-        await declare_topology(connection, queue_type, 5, 1)
+        await declare_topology(connection, AmqpConfig(url, queue_type, 5, quorum_group_size=1))
         channel = await connection.channel()
         exchange = await channel.get_exchange(topology.EXCHANGE)
         for i, body in enumerate(bodies):

@@ -75,10 +75,15 @@ async def test_metrics_and_health_after_real_traffic(
         ):
             break
         await asyncio.sleep(0.05)
-    assert m[("embed_requests_received_total", ())] == 22
+    default = ("lane", "default")
+    assert m[("embed_requests_received_total", (default,))] == 22
+    assert m.get(("embed_requests_received_total", (("lane", "bulk"),)), 0) == 0
     assert m[("embed_texts_received_total", ())] == 20
-    assert m[("embed_replies_total", (("code", "ok"), ("outcome", "ok")))] == 20
-    assert m[("embed_replies_total", (("code", "invalid_request"), ("outcome", "error")))] == 1
+    assert m[("embed_replies_total", (("code", "ok"), default, ("outcome", "ok")))] == 20
+    assert m[("embed_replies_total", (("code", "invalid_request"), default, ("outcome", "error")))] == 1
+    assert m[("embed_request_seconds_count", (default,))] == 22
+    assert m[("embed_queue_wait_seconds_count", (default,))] == 20  # per text that went upstream
+    assert m[("embed_spend_usd_total", (default, ("model", "gemini-embedding-001")))] > 0
     assert m[("embed_dead_lettered_total", (("reason", "no_reply_to"),))] == 1
     assert m[("embed_batch_size_count", ())] == 2 and m[("embed_batch_size_sum", ())] == 20
     assert m[("embed_upstream_errors_total", (("status", "503"),))] == 1

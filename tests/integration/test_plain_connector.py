@@ -27,7 +27,6 @@ async def test_a_silent_first_address_is_skipped_in_bounded_time_and_then_avoide
     monkeypatch.setattr(amqp_connection, "PLAIN_CONNECT_TIMEOUT_S", 0.5)
     config = AmqpConfig(
         url=f"amqp://guest:guest@127.0.0.1:{port}/x,{vhost}",
-        prefetch=1,
         queue_type="classic",
         delivery_limit=5,
         reconnect_interval=1,

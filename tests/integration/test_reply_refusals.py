@@ -31,7 +31,8 @@ pytestmark = pytest.mark.integration
 
 
 async def _replies(port: int) -> dict[tuple[str, str], float]:
-    """embed_replies_total by (outcome, code), scraped off the loop (the worker serves it on this one)."""
+    """embed_replies_total of the default lane by (outcome, code), scraped off the loop (the worker serves it on
+    this one)."""
     return await asyncio.to_thread(_scrape, port)
 
 
@@ -41,7 +42,7 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
     out: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "embed_replies_total":
+            if sample.name == "embed_replies_total" and sample.labels["lane"] == "default":
                 out[(sample.labels["outcome"], sample.labels["code"])] = sample.value
     return out
 

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aio_pika
 import numpy as np
 import orjson
 import pytest
+from aio_pika.connection import make_url
 
 from tests.fakes import FakeEmbedder, MemoryStore
 from tests.memory import MemoryBroker, MemoryChannel, MemoryPublisher
@@ -57,6 +59,7 @@ class Lane:
     embedder: FakeEmbedder
     lane: DeferredLane
     replies: FakeReplies
+    settler: Settler
 
     def defer(self, items: list[tuple[str, str]], **options: Any) -> None:
         body = {"items": [{"key": k, "text": t} for k, t in items], **options}
@@ -108,18 +111,25 @@ class FakeJobs:
         self.reads += 1
         texts = self.submitted[int(name.rsplit("/", 1)[1]) - 1]
         outcomes: list[FloatArray | EmbedError] = [
-            EmbedError("rejected") if BAD_INPUT_MARKER in text else (await FakeEmbedder().embed([text], config))[0]
+            EmbedError("rejected") if BAD_INPUT_MARKER in text else (await FakeEmbedder().call([text], config))[0]
             for text in texts
         ]
         return JobResult(True, "JOB_STATE_SUCCEEDED", outcomes)
+
+
+def unconnected() -> aio_pika.RobustConnection:
+    """The queue's connection, never opened: the memory lane's channel is the memory broker's (set in ``make_lane``)
+    and it listens for no flush requests; opening a channel on this raises "Connection was not opened"."""
+    return aio_pika.RobustConnection(make_url("amqp://never-connected.invalid/"))
 
 
 def make_lane(*, paid_bytes: int = 1 << 20, jobs: FakeJobs | None = None, config: DeferredConfig = CONFIG) -> Lane:
     broker = MemoryBroker(delivery_limit=5)
     metrics = Metrics()
     publisher = MemoryPublisher(broker)
-    held = HeldBytes(1 << 30, largest=4 << 20)
-    queue = AmqpDeferredQueue(None, Settler(publisher, metrics), publisher, held)  # type: ignore[arg-type]
+    held = HeldBytes(1 << 30, largest=4 << 20).share()
+    settler = Settler(publisher, metrics)
+    queue = AmqpDeferredQueue(unconnected(), settler, publisher, held)
     channel = queue._channel = broker.channel()  # type: ignore[assignment]  # the seam: aiormq's channel
     store, embedder, replies = MemoryStore(), FakeEmbedder(), FakeReplies()
     upstream = UpstreamCaller(embedder, RetryPolicy(2, Backoff(0.001, 0.002)), metrics=metrics)
@@ -145,7 +155,7 @@ def make_lane(*, paid_bytes: int = 1 << 20, jobs: FakeJobs | None = None, config
         reply_to=re.compile(DEFAULT_REPLY_TO),
         jobs=job_rounds,
     )
-    return Lane(broker, channel, store, embedder, deferred, replies)
+    return Lane(broker, channel, store, embedder, deferred, replies, settler)
 
 
 @pytest.fixture
@@ -155,7 +165,7 @@ async def lane() -> AsyncIterator[Lane]:
 
 async def drain(lane: Lane) -> int:
     written = await lane.lane.drain()
-    await lane.lane._queue._settler.drain()  # type: ignore[attr-defined]
+    await lane.settler.drain()
     return written
 
 

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worker.admission import Admission
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
+from worker.lanes import Lane
 
 
 async def test_adaptive_concurrency_halves_on_429_and_bounds_inflight() -> None:
@@ -16,19 +18,20 @@ async def test_adaptive_concurrency_halves_on_429_and_bounds_inflight() -> None:
     limit.on_rate_limited()
     limit.on_rate_limited()
     assert int(limit.limit) == 2
+    admission = Admission(lambda: int(limit.limit), RateLimiter(), bulk_min_share=0)
     entered = 0
     release = asyncio.Event()
 
     async def call() -> None:
         nonlocal entered
-        async with limit:
+        async with admission.call(Lane.BULK, 1):
             entered += 1
             await release.wait()
 
     tasks = [asyncio.create_task(call()) for _ in range(5)]
-    for _ in range(5):
+    for _ in range(20):
         await asyncio.sleep(0)
-    assert entered == 2 and limit.inflight == 2
+    assert entered == 2 and admission.inflight[False] == 2
     release.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 1)
     for _ in range(100):
@@ -52,10 +55,11 @@ class FakeTime:
 
 
 async def test_unlimited_rate_limiter_never_waits() -> None:
-    limiter = RateLimiter()
+    t = FakeTime()
+    limiter = RateLimiter(clock=t.clock, sleep=t.sleep)
     for _ in range(1000):
         await limiter.acquire(2048)
-    assert limiter.waited == 0
+    assert t.sleeps == []
 
 
 async def test_a_full_window_waits_until_its_oldest_call_leaves() -> None:
@@ -239,7 +243,7 @@ def test_budgets_that_make_no_sense_are_refused_at_start(overrides: dict[str, fl
     from worker.settings import Settings
 
     with pytest.raises(ValidationError, match=message):
-        Settings(_env_file=None, embed_backend="emulator", **overrides)  # type: ignore[call-arg, arg-type]
+        Settings.model_validate({"embed_backend": "emulator", **overrides})  # the values alone: no env, no .env
 
 
 def test_fractional_budgets_are_accepted() -> None:

@@ -31,6 +31,7 @@ from worker.upstream import RetryPolicy, UpstreamCaller
 from worker.vectors import expected_vector
 
 CALLER = "amq.gen-caller"
+DELIVERY_LIMIT = 3
 LIMITS = RequestLimits("gemini-embedding-001", frozenset({"gemini-embedding-001"}), 1 << 20, 100, 2048)
 
 
@@ -58,16 +59,16 @@ class Lane:
 
 @pytest.fixture
 async def lane() -> AsyncIterator[Lane]:
-    broker = MemoryBroker(delivery_limit=3)
+    broker = MemoryBroker(delivery_limit=DELIVERY_LIMIT)
     broker.reply_queue(CALLER)
     metrics = Metrics()
     embedder = FakeEmbedder()
     publisher = MemoryPublisher(broker)
-    settler = Settler(publisher, metrics)  # type: ignore[arg-type]
+    settler = Settler(publisher, metrics)
     upstream = UpstreamCaller(embedder, RetryPolicy(3, Backoff(0.001, 0.002)), metrics=metrics)
     service = EmbedService(
         upstream,
-        RpcReplies(publisher, None),  # type: ignore[arg-type]
+        RpcReplies(publisher, None),
         limits=LIMITS,
         batching=BatchingConfig(max_size=10, max_wait_s=0.01, max_concurrent=2),
         reply_to=re.compile(DEFAULT_REPLY_TO),
@@ -151,12 +152,13 @@ async def test_an_upstream_that_keeps_failing_is_answered_retryable_and_parked(l
 
 
 async def test_a_reply_that_cannot_be_published_is_requeued_until_the_delivery_limit_parks_it(lane: Lane) -> None:
-    """Each failed publish is a basic.reject(requeue=true); a quorum queue counts those and parks the message."""
+    """Each failed publish is a basic.reject(requeue=true); a quorum queue counts those and parks the message once
+    the count passes its limit: delivered DELIVERY_LIMIT + 1 times (the first time and one per allowed redelivery)."""
     lane.publisher.fail = ConnectionError("confirm channel lost")
     lane.send({"text": "never confirmed"}, correlation_id="n")
-    for _ in range(3):
-        await lane.settled()
-    assert [f for f in lane.channel.frames if f[0] == "reject"] == [("reject", t, True) for t in (1, 2, 3)]
+    await lane.settled()
+    rejects = [f for f in lane.channel.frames if f[0] == "reject"]
+    assert rejects == [("reject", tag, True) for tag in range(1, DELIVERY_LIMIT + 2)]
     [parked] = lane.broker.queues[topology.DLQ]
     assert parked.properties.headers["x-death"][0]["reason"] == "delivery_limit"
 

@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class AmqpConfig:
+    """How to reach the broker, and the arguments of the queues the worker declares (``declare_topology``)."""
+
     url: str
-    prefetch: int
-    queue_type: str
-    delivery_limit: int
-    reconnect_interval: float
+    queue_type: str = "quorum"
+    delivery_limit: int = 5
+    reconnect_interval: float = 5.0
     connect_timeout: float = 60.0
     quorum_group_size: int = 5
     ca_file: str | None = None
@@ -48,7 +49,6 @@ class AmqpConfig:
     def from_settings(cls, settings: Settings, name: str = "embed-worker") -> AmqpConfig:
         return cls(
             url=settings.amqp_url.get_secret_value(),
-            prefetch=settings.effective_prefetch,
             queue_type=settings.queue_type,
             delivery_limit=settings.delivery_limit,
             reconnect_interval=settings.amqp_reconnect_interval_s,
@@ -247,11 +247,11 @@ def _tls_error(exc: BaseException) -> ssl.SSLError | None:
     return None
 
 
-async def declare_topology(
-    connection: AbstractConnection, queue_type: str, delivery_limit: int, group_size: int
-) -> AbstractChannel:
+async def declare_topology(connection: AbstractConnection, config: AmqpConfig) -> AbstractChannel:
     """Declare what ``worker.topology`` names; returns the channel (robust: it declares again after a reconnect).
 
+    Both RPC lanes' queues (``embed.requests``, ``embed.requests.bulk``) and ``embed.deferred`` take the same
+    arguments (``config.queue_type``, its delivery limit and replicas), each with a dead-letter queue of its own.
     A queue is declared with its full arguments only when it does not exist yet; an existing one is used as it
     is (a passive declare). RabbitMQ refuses a declare whose arguments differ from the queue's, so adding one
     (``x-quorum-initial-group-size`` came later than the first workers) must not break a rolling upgrade; to change
@@ -259,15 +259,23 @@ async def declare_topology(
     channel = await connection.channel()
     exchange = await channel.declare_exchange(topology.EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     dlx = await channel.declare_exchange(topology.DLX, aio_pika.ExchangeType.DIRECT, durable=True)
-    replicas = {"x-quorum-initial-group-size": group_size} if queue_type == "quorum" else {}
-    for dlq, key in ((topology.DLQ, topology.QUEUE), (topology.DEFERRED_DLQ, topology.DEFERRED_KEY)):
-        queue = await _queue(connection, channel, dlq, {"x-queue-type": queue_type, **replicas})
-        await queue.bind(dlx, routing_key=key)
-    for name, key in ((topology.QUEUE, topology.ROUTING_KEY), (topology.DEFERRED_QUEUE, topology.DEFERRED_KEY)):
-        arguments = topology.queue_arguments(queue_type, delivery_limit, dead_letter_key=key)
+    queue_type = config.queue_type
+    replicas = {"x-quorum-initial-group-size": config.quorum_group_size} if queue_type == "quorum" else {}
+    for name, key, dlq in WORK_QUEUES:
+        dead = await _queue(connection, channel, dlq, {"x-queue-type": queue_type, **replicas})
+        await dead.bind(dlx, routing_key=key)
+        arguments = topology.queue_arguments(queue_type, config.delivery_limit, dead_letter_key=key)
         queue = await _queue(connection, channel, name, {**arguments, **replicas})
         await queue.bind(exchange, routing_key=key)
     return channel
+
+
+# (queue, its routing key, which is also its dead letters' key, its dead-letter queue)
+WORK_QUEUES = (
+    (topology.QUEUE, topology.ROUTING_KEY, topology.DLQ),
+    (topology.BULK_QUEUE, topology.BULK_KEY, topology.BULK_DLQ),
+    (topology.DEFERRED_QUEUE, topology.DEFERRED_KEY, topology.DEFERRED_DLQ),
+)
 
 
 async def _queue(
@@ -298,6 +306,6 @@ async def declare_once(url: str, queue_type: str = "quorum", delivery_limit: int
     codec.install()
     connection = await aio_pika.connect(split_urls(url)[0])
     try:
-        await declare_topology(connection, queue_type, delivery_limit, group_size)
+        await declare_topology(connection, AmqpConfig(url, queue_type, delivery_limit, quorum_group_size=group_size))
     finally:
         await connection.close()

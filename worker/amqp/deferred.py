@@ -2,8 +2,9 @@
 
 ``get`` takes waiting messages with basic.get on a channel of its own, so nothing sits unacked in a consumer's
 prefetch window for minutes (RabbitMQ's consumer timeout would close the channel). It stops taking for the round
-once the worker's byte budget (``holding.HeldBytes``, shared with the RPC lane) is spent, after one message at
-least. Settling goes through ``settle.py`` like the RPC lane's.
+once its share of the worker's byte budget (``holding.HeldShare``: shared with the RPC lanes, less the room
+ingestion leaves to queries) is spent, after one message at least. Settling goes through ``settle.py`` like the
+RPC lanes'.
 """
 
 from __future__ import annotations
@@ -20,20 +21,23 @@ from pamqp import commands as spec
 
 from worker import topology
 from worker.amqp.delivery import AmqpDelivery
-from worker.amqp.publish import Publisher, underlay
+from worker.amqp.publish import underlay
+from worker.amqp.seams import ConfirmedPublisher
 from worker.amqp.settle import Settler
-from worker.holding import HeldBytes
+from worker.holding import HeldShare
 from worker.messages import JSON_CONTENT_TYPE
 from worker.ports import Delivery, FlushRequest, Settle
 
 
 class AmqpDeferredQueue:
-    def __init__(self, connection: AbstractRobustConnection, settler: Settler, publisher: Publisher, held: HeldBytes):
+    def __init__(
+        self, connection: AbstractRobustConnection, settler: Settler, publisher: ConfirmedPublisher, held: HeldShare
+    ):
         self._connection = connection
         self._settler = settler
         self._publisher = publisher
         self._held = held
-        self._taken: dict[int, int] = {}  # id of a delivery taken and not settled -> its body's size
+        self._taken: dict[int, tuple[AmqpDelivery, int]] = {}  # id of a delivery taken, not settled -> it, its size
         self.cut_short = False
         self._robust: AbstractRobustChannel | None = None
         self._channel: aiormq.Channel | None = None
@@ -62,15 +66,15 @@ class AmqpDeferredQueue:
                 break
             delivery = AmqpDelivery(message)
             self._held.take(len(delivery.body))
-            self._taken[id(delivery)] = len(delivery.body)
+            self._taken[id(delivery)] = (delivery, len(delivery.body))
             out.append(delivery)
         return out
 
     def _give_back(self, ids: Sequence[int]) -> None:
         for key in ids:
-            size = self._taken.pop(key, None)
-            if size is not None:
-                self._held.give(size)
+            taken = self._taken.pop(key, None)
+            if taken is not None:
+                self._held.give(taken[1])
 
     async def depth(self) -> int:
         assert self._channel is not None
@@ -79,9 +83,16 @@ class AmqpDeferredQueue:
 
     async def settle(self, outcomes: Sequence[tuple[Delivery, Settle]]) -> None:
         try:
-            await self._settler.apply_all(outcomes, topology.DEFERRED_KEY)
+            await self._settler.apply_all([(self._own(d), s) for d, s in outcomes], topology.DEFERRED_KEY)
         finally:
             self._give_back([id(delivery) for delivery, _ in outcomes])
+
+    def _own(self, delivery: Delivery) -> AmqpDelivery:
+        """The ``AmqpDelivery`` behind a delivery the core hands back (it sees only ``ports.Delivery``)."""
+        taken = self._taken.get(id(delivery))
+        if taken is None or taken[0] is not delivery:
+            raise ValueError("settling a delivery this round of get() did not hand out")
+        return taken[0]
 
     async def republish(self, body: bytes, headers: dict[str, Any]) -> None:
         await self._publish(topology.EXCHANGE, body, headers)

@@ -1,4 +1,9 @@
-"""The RPC lane's consumer: take ``embed.requests`` deliveries within a window of messages and of bytes.
+"""The RPC lanes' consumer: take one lane's deliveries (``embed.requests`` or ``embed.requests.bulk``) within a
+window of messages and of bytes.
+
+Each lane has a consumer of its own, on a channel of its own, with its own prefetch count; both draw on one byte
+budget, of which bulk leaves a part to the default lane (``HeldBytes.share``), so ingestion's deliveries never
+fill the worker so that no query can be taken.
 
 ``RpcConsumer`` consumes on aiormq's channel directly (``basic_consume``): each delivery becomes an
 ``AmqpDelivery``, goes to the service, and the ``Settle`` it returns goes to ``settle.py``. It alone owns whether
@@ -23,9 +28,11 @@ from aiormq.abc import DeliveredMessage
 from worker import topology
 from worker.amqp.delivery import AmqpDelivery
 from worker.amqp.publish import underlay
+from worker.amqp.seams import Delivered
 from worker.amqp.settle import Settler
 from worker.backoff import Backoff
-from worker.holding import HeldBytes
+from worker.holding import HeldShare
+from worker.lanes import Lane, LaneConfig
 from worker.logs import safe
 from worker.ports import REQUEUE, Delivery, Settle
 
@@ -33,21 +40,27 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Delivery], Awaitable[Settle]]
 
+# Each RPC lane's queue, and the routing key its dead letters (and parked copies) take to its own DLQ.
+QUEUES = {Lane.DEFAULT: (topology.QUEUE, topology.ROUTING_KEY), Lane.BULK: (topology.BULK_QUEUE, topology.BULK_KEY)}
 
-async def handle_delivery(message: DeliveredMessage, handle: Handler, settler: Settler) -> None:
-    """One delivery of ``embed.requests``: the service decides, the settler applies. Every delivery is settled:
-    an unexpected error requeues it (and the quorum delivery limit parks it if it keeps failing)."""
+
+async def handle_delivery(
+    message: Delivered, handle: Handler, settler: Settler, dead_letter_key: str = topology.ROUTING_KEY
+) -> None:
+    """One delivery of an RPC lane: the service decides, the settler applies. Every delivery is settled: an
+    unexpected error requeues it (and the quorum delivery limit parks it if it keeps failing)."""
     delivery = AmqpDelivery(message)
     try:
         settle = await handle(delivery)
     except Exception:
         log.exception("unhandled error handling correlation_id=%s", safe(delivery.correlation_id))
         settle = REQUEUE
-    await settler.apply(delivery, settle, topology.QUEUE)
+    await settler.apply(delivery, settle, dead_letter_key)
 
 
 class RpcConsumer:
-    """Consumes ``embed.requests`` within two windows: ``prefetch`` messages, and the bytes ``held`` allows.
+    """Consumes one lane's queue within two windows: the lane's prefetch, in messages, and the bytes ``held``
+    allows.
 
     The broker takes a count per consumer, fixed at basic.consume, so the byte budget is kept by choosing that count
     (``HeldBytes.credit``) and, when it no longer fits, by cancelling the consumer and consuming again with another
@@ -57,13 +70,15 @@ class RpcConsumer:
     def __init__(
         self,
         connection: AbstractRobustConnection,
-        prefetch: int,
+        lane: LaneConfig,
         settler: Settler,
         handle: Handler,
-        held: HeldBytes,
+        held: HeldShare,
     ):
         self._connection = connection
-        self._prefetch = prefetch
+        self.lane = lane.lane
+        self._queue, self._dead_letter_key = QUEUES[lane.lane]
+        self._prefetch = lane.prefetch
         self._settler = settler
         self._handle = handle
         self._held = held
@@ -89,7 +104,7 @@ class RpcConsumer:
         self._reconciler = asyncio.create_task(self._reconcile())
         log.info(
             "consuming from %s (prefetch %d, holding at most %d bytes)",
-            topology.QUEUE,
+            self._queue,
             self._prefetch,
             self._held.limit,
         )
@@ -104,7 +119,7 @@ class RpcConsumer:
         self._held.take(size)
         self._check()
         try:
-            await handle_delivery(message, self._handle, self._settler)
+            await handle_delivery(message, self._handle, self._settler, self._dead_letter_key)
         finally:
             self._held.give(size)
             left = self._unsettled.get(tag, 0) - 1  # a reconnect may have forgotten the tag
@@ -202,7 +217,7 @@ class RpcConsumer:
     async def _consume(self, credit: int) -> None:
         assert self._channel is not None
         await self._channel.basic_qos(prefetch_count=credit)  # per consumer: quorum queues refuse global QoS
-        ok = await self._channel.basic_consume(topology.QUEUE, self._on_message)
+        ok = await self._channel.basic_consume(self._queue, self._on_message)
         self._consumer_tag, self._granted = ok.consumer_tag, credit
 
     async def _cancel(self) -> None:

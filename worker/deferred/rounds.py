@@ -35,8 +35,9 @@ from worker.batcher import Batcher
 from worker.budgets import BatchingConfig
 from worker.errors import EmbedError, InvalidRequest
 from worker.inputs import EmbedInput
+from worker.lanes import Call, Lane
 from worker.logs import safe
-from worker.messages import DeferredRequest, EmbedConfig, RequestLimits, decode_deferred, encode_deferred_items
+from worker.messages import DeferredRequest, EmbedConfig, RequestLimits, decode_deferred, encode_deferred_in
 from worker.ports import (
     ACK,
     REQUEUE,
@@ -102,7 +103,7 @@ def text_hash(text: str, task_type: str | None = None) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, key=key).hexdigest()
 
 
-def decode_round(deliveries: Sequence[Delivery], limits: RequestLimits) -> tuple[Decoded, RoundResult]:
+def decode_round(deliveries: Sequence[Delivery], request_limits: RequestLimits) -> tuple[Decoded, RoundResult]:
     """The valid requests, and a result that already dead-letters the invalid ones."""
     decoded: Decoded = []
     result = RoundResult()
@@ -112,7 +113,7 @@ def decode_round(deliveries: Sequence[Delivery], limits: RequestLimits) -> tuple
                 delivery.body,
                 content_type=delivery.content_type,
                 content_encoding=delivery.content_encoding,
-                limits_=limits,
+                request_limits=request_limits,
             )
         except InvalidRequest as exc:
             log.warning("invalid deferred request (message_id=%s): %s", safe(delivery.message_id), safe(exc.message))
@@ -201,13 +202,7 @@ def settle_message(
     reason = failed[0][2] + (f" (and {len(failed) - 1} more items)" if len(failed) > 1 else "")
     if len(failed) == len(request.keys):
         return dead_letter("bad_item", reason), None
-    cfg = request.config
-    body = encode_deferred_items(
-        [(k, t) for k, t, _ in failed],
-        model=cfg.model,
-        task_type=cfg.task_type,
-        output_dimensionality=cfg.output_dimensionality,
-    )
+    body = encode_deferred_in([(k, t) for k, t, _ in failed], request.config)
     return ACK, (body, reason)
 
 
@@ -265,7 +260,7 @@ class SyncRounds:
         skip_unchanged: bool,
         reserved_prefix: str,
         paid_bytes: int,
-        budgets: BatchingConfig | None = None,
+        batching: BatchingConfig | None = None,
     ):
         self._store = store
         self._upstream = upstream
@@ -277,12 +272,12 @@ class SyncRounds:
             max_size=batch_max_size,
             max_wait=0,
             max_concurrent=max_concurrent,
-            weigh=budgets.weighing if budgets is not None else None,
-            budgets=budgets.budgets if budgets is not None else (),
+            weigh=batching.weighing if batching is not None else None,
+            budgets=batching.budgets if batching is not None else (),
         )
 
     async def _embed_batch(self, config: EmbedConfig, texts: list[EmbedInput]) -> list[Outcome]:
-        return await self._upstream.embed(texts, config)
+        return await self._upstream.embed(texts, config, Call(Lane.DEFERRED))  # ingestion: after the queries
 
     def drained(self) -> None:
         """The lane found its queue empty: vectors kept for messages that did not come back here are not needed."""
@@ -356,7 +351,7 @@ class SyncRounds:
                 if not isinstance(outcome, EmbedError):
                     entry = StoredVector(kid[1], outcome, kid[0].model, text_hash(text, kid[0].task_type))
                     planned.append(Planned(kid, text, entry))
-                elif outcome.replayable:
+                elif outcome.retryable:
                     state.transient = True
                 else:
                     rejected[(kid[0], text)] = outcome
