@@ -50,6 +50,9 @@ HEARTBEAT_TTL_MS = 30_000  # a worker not seen for this long no longer counts to
 
 ADMITTED, WAIT, RESEND = 1, 0, -1  # the script's verdicts
 HOLD_BACK_MS = 25  # how much later than an urgent caller a non-urgent one tries again (see the script)
+# How long past its wait an urgent caller's marker holds: room for a late wake-up on a busy loop; a worker that died
+# waiting holds bulk back no longer than this.
+URGENT_GRACE_MS = 5000
 
 # KEYS: 1 the log (sorted set; score = ms, member = "<worker>:<seq>:<tokens>"), 2 the cool-down, 3 the fleet
 # (heartbeats), 4 the budgets of live workers (hash: worker -> "<calls> <calls window ms> <tokens> <window ms>",
@@ -59,8 +62,8 @@ HOLD_BACK_MS = 25  # how much later than an urgent caller a non-urgent one tries
 # time in ms ("" = the server's), 7 "announce" (declare the budget, count nothing) or "acquire", 8 the member of
 # this worker's latest call still in its window ("" = none), 9 "1" for an urgent call (the default lane), else "0",
 # 10.. pairs (age ms, member): calls of this worker the log should hold.
-# Lane order across the fleet: an urgent call that must wait leaves a marker until it is back (its wait and a
-# second); while any marker holds, a non-urgent call is told to wait until the budget frees and HOLD_BACK_MS more,
+# Lane order across the fleet: an urgent call that must wait leaves a marker until it is back (its wait and
+# URGENT_GRACE_MS); while any marker holds, a non-urgent call is told to wait until the budget frees and HOLD_BACK_MS more,
 # so the urgent caller, waking first, takes the room.
 # Returns {verdict (1 admitted, 0 wait, -1 the latest call is gone: send the recent ones), ms to wait, live workers,
 # the time in ms, the budgets live workers declare, sorted, comma-separated}.
@@ -105,7 +108,7 @@ local urgent = ARGV[9] == '1'
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 local cool = redis.call('PTTL', KEYS[2])
 if cool > 0 then
-  if urgent then redis.call('ZADD', KEYS[5], now + cool + 1000, me) end
+  if urgent then redis.call('ZADD', KEYS[5], now + cool + URGENT_GRACE_MS, me) end
   return {0, cool, fleet, now, listed}
 end
 
@@ -155,14 +158,14 @@ end
 wait = math.ceil(wait)
 if not urgent and redis.call('ZCARD', KEYS[5]) > 0 then return {0, wait + HOLD_BACK_MS, fleet, now, listed} end
 if wait > 0 then
-  if urgent then redis.call('ZADD', KEYS[5], now + wait + 1000, me) end
+  if urgent then redis.call('ZADD', KEYS[5], now + wait + URGENT_GRACE_MS, me) end
   return {0, wait, fleet, now, listed}
 end
 if urgent then redis.call('ZREM', KEYS[5], me) end
 redis.call('ZADD', KEYS[1], now, ARGV[4])
 redis.call('PEXPIRE', KEYS[1], math.ceil(horizon))
 return {1, 0, fleet, now, listed}
-""".replace("HOLD_BACK_MS", str(HOLD_BACK_MS))
+""".replace("HOLD_BACK_MS", str(HOLD_BACK_MS)).replace("URGENT_GRACE_MS", str(URGENT_GRACE_MS))
 
 # A cool-down only ever grows: KEYS[1] the cool-down, ARGV[1] its length in ms.
 _COOL_DOWN = """
