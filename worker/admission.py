@@ -5,10 +5,10 @@ room in the API's budget (``ports.Limiter``: RPM, TPM, spend). Calls wait in two
 and the rest (bulk, deferred), each in arrival order, and one *head* at a time is chosen from them:
 
 - the first urgent call whenever a slot is free for it, else the first of the others when a slot is free for them;
-- all calls together hold at most the limit (MAX_CONCURRENT_BATCHES, lowered after 429s), but urgent calls may
-  also use a few slots above it (``headroom``: a quarter of the limit, at least one), so a query arriving while
-  bulk fills every slot is sent at once instead of waiting for a bulk call to end (up to a whole upstream call;
-  measured: ``bench lanes``), and bulk still has all the slots it has today;
+- non-urgent calls hold at most the limit (MAX_CONCURRENT_BATCHES, lowered after 429s), and all calls together
+  the limit and a ``headroom`` above it (half the limit, at least two): so a query arriving while bulk fills
+  every slot is sent at once instead of waiting for a bulk call to end (up to a whole upstream call), and bulk
+  keeps every slot it has today while queries come and go (measured: ``bench lanes``, README "Lanes");
 - non-urgent calls keep a floor (``BULK_MIN_SHARE`` of the limit, at least one slot): while they hold fewer,
   queries leave them that many slots, so a steady stream of queries never starves ingestion;
 - the head is chosen only while a slot is free, and it alone waits for the budget, holding nothing, so no bulk
@@ -34,8 +34,9 @@ from worker.ports import Limiter
 
 
 def headroom(limit: int) -> int:
-    """Slots above ``limit`` that only urgent calls may use."""
-    return max(1, limit // 4)
+    """Slots above ``limit`` that only urgent calls may use: queries come one or two at a time, each its own call,
+    so two slots serve a steady stream at the default limit of four."""
+    return max(2, limit // 2)
 
 
 class _Ticket:
@@ -141,16 +142,17 @@ class Admission:
     def _preferred(self) -> _Ticket | None:
         """The next head, or None: none waits, or no slot is free for the ones that wait.
 
-        Slots: non-urgent calls may start while fewer than ``limit`` run, or while they hold fewer than their floor;
-        urgent ones while fewer than ``limit + headroom`` run, less the floor slots that waiting bulk calls do not
-        hold yet. Where both may start, the urgent call goes first: the floor is room kept, not a turn taken."""
+        Slots: non-urgent calls may start while they hold fewer than ``limit`` and all calls fewer than ``limit +
+        headroom``; urgent ones while all calls hold fewer than ``limit + headroom``, less the floor slots that
+        waiting bulk calls do not hold yet. Where both may start, the urgent call goes first: the floor is room
+        kept, not a turn taken."""
         limit = max(1, self._limit())
-        running = self.inflight[True] + self.inflight[False]
+        room = limit + headroom(limit) - self.inflight[True] - self.inflight[False]
         urgent, rest = self._waiting[True], self._waiting[False]
         owed = max(0, floor_slots(self._min_share, limit) - self.inflight[False]) if rest else 0
-        if urgent and running < limit + headroom(limit) - owed:
+        if urgent and room > owed:
             return urgent[0]
-        if rest and (running < limit or (owed and running < limit + headroom(limit))):
+        if rest and room > 0 and self.inflight[False] < limit:
             return rest[0]
         return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from worker.bench.procs import ManagedProcess
+from worker.processes import ManagedProcess
 
 
 class WorkerProcess(ManagedProcess):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Broker
-from worker.bench.procs import ManagedProcess
+from worker.processes import ManagedProcess
 from worker.vectors import expected_vector
 
 pytestmark = pytest.mark.integration

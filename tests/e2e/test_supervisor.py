@@ -11,8 +11,8 @@ import pytest
 
 from tests.e2e.processes import WorkerProcess, worker_env
 from tests.integration.helpers import RawCaller, assert_right_vectors
-from worker.bench.procs import ManagedProcess
 from worker.emulator import EmulatorThread
+from worker.processes import ManagedProcess
 
 pytestmark = pytest.mark.integration
 

@@ -38,10 +38,17 @@ class Driver:
     bodies: dict[str, aio_pika.abc.AbstractIncomingMessage] = field(default_factory=dict)
     reply_encoding: str = "json"
     on_reply: Callable[[], None] | None = None
+    # Where requests go: the default exchange with the default lane's key, as before lanes; or an exchange by name
+    # (worker.topology.EXCHANGE) with the key of the lane to reach (ROUTING_KEY or BULK_KEY).
+    exchange: str = ""
+    routing_key: str = ROUTING_KEY
 
     async def __aenter__(self) -> Driver:
         self.connection = await aio_pika.connect(self.url)
         self.channel = await self.connection.channel()
+        self._exchange: aio_pika.abc.AbstractExchange = self.channel.default_exchange
+        if self.exchange:
+            self._exchange = await self.channel.get_exchange(self.exchange, ensure=False)
         self.queue = await self.channel.declare_queue("", exclusive=True, auto_delete=True)
         self._all_in = asyncio.Event()
         self._target = 0
@@ -65,22 +72,17 @@ class Driver:
             self._all_in.set()
 
     async def send(self, text: str, *, model: str, dims: int | None) -> None:
-        cid = uuid.uuid4().hex
         body = encode_request([text], model=model, output_dimensionality=dims, reply_encoding=self.reply_encoding)
-        self.sent[cid] = Sent(text, time.perf_counter(), len(self.sent) % self.sample_every == 0)
-        await self.channel.default_exchange.publish(
-            aio_pika.Message(body, content_type=JSON_CONTENT_TYPE, correlation_id=cid, reply_to=self.queue.name),
-            routing_key=ROUTING_KEY,
-        )
+        await self.send_body(body, text)
 
     async def send_body(self, body: bytes, seed: str) -> None:
         """Publish a ready-made request body; ``seed`` is what its one input's vector derives from (the text
         itself for a text; ``vectors.seed_of`` of its parts otherwise), so sampled replies are checked too."""
         cid = uuid.uuid4().hex
         self.sent[cid] = Sent(seed, time.perf_counter(), len(self.sent) % self.sample_every == 0)
-        await self.channel.default_exchange.publish(
+        await self._exchange.publish(
             aio_pika.Message(body, content_type=JSON_CONTENT_TYPE, correlation_id=cid, reply_to=self.queue.name),
-            routing_key=ROUTING_KEY,
+            routing_key=self.routing_key,
         )
 
     async def open_loop(self, rate: float, count: int, *, model: str, dims: int | None, prefix: str) -> None:

@@ -23,7 +23,8 @@ import numpy as np
 import orjson
 
 from worker import inputs
-from worker.bench.scenarios import FULL, SMALLEST, Bench, RunSpec, _ratio, _rounds, _spread, _summary
+from worker.bench import stats
+from worker.bench.harness import FULL, SMALLEST, Bench, RunSpec, rounds
 from worker.vectors import seed_of
 
 # A Redis database of its own, emptied before each run that uses it, so every run starts with a cold cache and
@@ -60,7 +61,7 @@ async def scenario_frugality(bench: Bench) -> dict[str, Any]:
         texts.append(texts[rng.randrange(i)] if i % 2 else f"frugal text {i}")
     common = {"n": n, "model": FULL, "dims": SMALLEST, "texts": texts.__getitem__}
     off, on = "cache off (in-call dedup only)", "cache on"
-    results = await _rounds(
+    results = await rounds(
         bench,
         [
             RunSpec(off, "worker", common),
@@ -69,11 +70,11 @@ async def scenario_frugality(bench: Bench) -> dict[str, Any]:
     )
     distinct = len(set(texts))
     saved = {
-        label: _spread([1 - r["upstream_texts"] / n for r in runs]) for label, runs in results.items()
+        label: stats.spread([1 - r["upstream_texts"] / n for r in runs]) for label, runs in results.items()
     }  # the share of requests that cost no upstream input
-    summary = _summary(
+    summary = stats.summary(
         results,
-        {"throughput, cache on / off": _ratio(results, on, off)},
+        {"throughput, cache on / off": stats.ratio(results, on, off)},
         requests=n,
         distinct_texts=distinct,
         saved_share=saved,
@@ -144,7 +145,7 @@ async def scenario_images(bench: Bench) -> dict[str, Any]:
 
     label = "worker, images 200-500 KB and texts"
     spec = RunSpec(label, "worker", {"n": n, "model": G2, "bodies": body, "keep_calls": True})
-    results = await _rounds(bench, [spec])
+    results = await rounds(bench, [spec])
     budget = 4_194_304  # UPSTREAM_MAX_REQUEST_BYTES' default, the smallest payload limit reported for the API
     per_call = [max(r["call_bytes"]) for r in results[label]]
     mean_call = [float(np.mean(r["call_bytes"])) for r in results[label]]
@@ -152,14 +153,14 @@ async def scenario_images(bench: Bench) -> dict[str, Any]:
         for r in runs:
             r["max_call_bytes"], r["mean_call_bytes"] = max(r["call_bytes"]), round(float(np.mean(r["call_bytes"])))
             del r["call_bytes"], r["call_times"]
-    return _summary(
+    return stats.summary(
         results,
-        {"mean bytes per call / budget": _spread([m / budget for m in mean_call])},
+        {"mean bytes per call / budget": stats.spread([m / budget for m in mean_call])},
         requests=n,
         image_bytes={"min": min(sizes), "max": max(sizes), "mean": round(float(np.mean(sizes)))},
         budget_bytes=budget,
         max_call_bytes=max(per_call),
-        mean_call_bytes=_spread(mean_call, 0),
+        mean_call_bytes=stats.spread(mean_call, 0),
     )
 
 
@@ -189,11 +190,11 @@ async def scenario_image_flood(bench: Bench) -> dict[str, Any]:
             RunSpec(f"worker, {n} image requests, defaults", "worker", common),
             RunSpec(f"worker, {n} image requests, no byte budget", "worker", {**common, "max_held_bytes": 8 << 30}),
         ]
-    results = await _rounds(bench, specs)
-    return _summary(
+    results = await rounds(bench, specs)
+    return stats.summary(
         results,
         {
-            f"peak RSS, defaults / no byte budget, {n}": _ratio(
+            f"peak RSS, defaults / no byte budget, {n}": stats.ratio(
                 results,
                 f"worker, {n} image requests, defaults",
                 f"worker, {n} image requests, no byte budget",

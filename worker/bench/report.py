@@ -10,7 +10,9 @@ from typing import Any
 
 import orjson
 
-from worker.bench.scenarios import SCENARIOS, Bench, BenchConfig
+from worker.bench import lanes
+from worker.bench.harness import Bench, BenchConfig
+from worker.bench.scenarios import SCENARIOS
 
 
 async def run(names: list[str], config: BenchConfig, out_dir: Path, plot: bool = True) -> dict[str, Any]:
@@ -31,6 +33,8 @@ async def run(names: list[str], config: BenchConfig, out_dir: Path, plot: bool =
 
 
 def table(name: str, result: dict[str, Any]) -> str:
+    if "query_latency" in result:
+        return lanes.table(name, result)
     lines = [f"\n== {name}"]
     if "rows" in result:
         lines.append(f"{'rate/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>7} {'fill':>6}")
@@ -102,6 +106,9 @@ def _plot(name: str, result: dict[str, Any], path: Path) -> None:
         from worker.bench.quota import plot_windows
 
         plot_windows(result, path)
+        return
+    if "query_latency" in result:
+        lanes.plot(result, path)
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if "rows" in result:

@@ -1,4 +1,10 @@
-"""Child processes for benchmarks and end-to-end tests: start, wait for a log line, signal, measure."""
+"""Child processes (``embed-worker run``, the emulator, reference workers) for the bench and the end-to-end tests:
+start one, wait for a line of its output (``ready:``), read what it wrote, signal it, measure its memory and CPU,
+stop it.
+
+It lives in ``worker``, beside neither of its users, so that the tests do not depend on the bench (nor the bench on
+the tests); the worker itself never imports it.
+"""
 
 from __future__ import annotations
 
