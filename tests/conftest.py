@@ -93,6 +93,10 @@ class Broker:
                 found.append(Connection(pid, line_vhost, match.group(1) if match else ""))
         return found
 
+    @functools.cached_property
+    def vhosts(self) -> VhostPool:
+        return VhostPool(self.ctl)
+
     def vhost_url(self, vhost: str) -> str:
         parts = urlsplit(self.url)
         return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
@@ -139,6 +143,7 @@ def broker() -> Iterator[Broker]:
         local = Broker(url, _local_ctl)
         _check_ctl_manages(local)
         yield local
+        local.vhosts.close()
         return
     # No local broker: start one in Docker (needs a Docker engine).
     from testcontainers.rabbitmq import RabbitMqContainer
@@ -150,20 +155,66 @@ def broker() -> Iterator[Broker]:
             result = container.exec(["rabbitmqctl", *args])
             return result.output.decode()
 
-        yield Broker(f"amqp://guest:guest@{host}:{port}/", ctl)
+        yield Broker(f"amqp://guest:guest@{host}:{port}/", ctl)  # its vhosts go with the container
 
 
 @contextlib.contextmanager
 def new_vhost(broker: Broker) -> Iterator[str]:
-    """A fresh vhost (its URL), deleted afterwards. Each costs about two seconds of rabbitmqctl."""
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    broker.ctl(["add_vhost", name])
-    broker.ctl(["set_permissions", "-p", name, "guest", ".*", ".*", ".*"])
+    """A fresh vhost (its URL) that no other test used, deleted soon after (see ``VhostPool``)."""
+    name = broker.vhosts.take()
     try:
         yield broker.vhost_url(name)
     finally:
-        with contextlib.suppress(Exception):
-            broker.ctl(["delete_vhost", name])
+        broker.vhosts.done(name)
+
+
+def _erlang_names(names: list[str]) -> str:
+    return "[" + ", ".join(f'<<"{name}">>' for name in names) + "]"
+
+
+class VhostPool:
+    """Vhosts made and deleted VHOST_BATCH at a time, each batch in one ``rabbitmqctl eval``. Every rabbitmqctl call
+    boots an Erlang VM (0.6-0.8 s here), and a vhost each test took three (add, permissions, delete): about 2 s a
+    test, most of the suite's time. Each test still gets a vhost of its own that no test used before; a used one is
+    deleted with the next batch of used ones (at most VHOST_BATCH of them linger), the rest at the end."""
+
+    def __init__(self, ctl: Callable[[list[str]], str]):
+        self._ctl = ctl
+        self._fresh: list[str] = []
+        self._used: list[str] = []
+
+    def take(self) -> str:
+        if not self._fresh:
+            names = [f"test-{uuid.uuid4().hex[:10]}" for _ in range(VHOST_BATCH)]
+            self._ctl(
+                [
+                    "eval",
+                    '[begin ok = rabbit_vhost:add(V, <<"tests">>), ok = rabbit_auth_backend_internal:set_permissions('
+                    '<<"guest">>, V, <<".*">>, <<".*">>, <<".*">>, <<"tests">>) end || V <- '
+                    f"{_erlang_names(names)}].",
+                ]
+            )
+            self._fresh = names
+        return self._fresh.pop()
+
+    def done(self, name: str) -> None:
+        self._used.append(name)
+        if len(self._used) >= VHOST_BATCH:
+            self.delete_used()
+
+    def delete_used(self) -> None:
+        names, self._used = self._used, []
+        if names:
+            with contextlib.suppress(Exception):
+                self._ctl(["eval", f'[rabbit_vhost:delete(V, <<"tests">>) || V <- {_erlang_names(names)}].'])
+
+    def close(self) -> None:
+        self._used += self._fresh
+        self._fresh = []
+        self.delete_used()
+
+
+VHOST_BATCH = 16
 
 
 @pytest.fixture
