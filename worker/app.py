@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+from worker.admission import Admission
 from worker.amqp.connection import AmqpConfig, PlainConnector, connect, declare_topology
 from worker.amqp.deferred import AmqpDeferredQueue
 from worker.amqp.publish import Publisher
@@ -202,6 +203,8 @@ async def _start(
         publisher=publisher,
         replies=replies,
         upstream=frugal,
+        admission=upstream.admission,
+        metrics=metrics,
         embedder=embedder,
         lane_stop=lane_stop,
         held=held,
@@ -305,6 +308,8 @@ async def _start_lane(
     publisher: Publisher,
     replies: RpcReplies,
     upstream: Frugal,
+    admission: Admission,
+    metrics: Metrics,
     embedder: GeminiEmbedder,
     lane_stop: asyncio.Event,
     held: HeldBytes,
@@ -342,6 +347,8 @@ async def _start_lane(
             queue,
             skip_unchanged=config.skip_unchanged,
             reserved_prefix=settings.redis_key_prefix,
+            admission=admission,
+            metrics=metrics,
         )
     lane = DeferredLane(
         queue,

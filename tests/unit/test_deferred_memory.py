@@ -19,7 +19,7 @@ from aio_pika.connection import make_url
 
 from tests.fakes import FakeEmbedder, MemoryStore
 from tests.memory import MemoryBroker, MemoryChannel, MemoryPublisher
-from worker import topology
+from worker import limits, topology
 from worker.amqp.deferred import AmqpDeferredQueue
 from worker.amqp.settle import Settler
 from worker.backoff import Backoff
@@ -60,6 +60,7 @@ class Lane:
     lane: DeferredLane
     replies: FakeReplies
     settler: Settler
+    metrics: Metrics
 
     def defer(self, items: list[tuple[str, str]], **options: Any) -> None:
         body = {"items": [{"key": k, "text": t} for k, t in items], **options}
@@ -144,7 +145,15 @@ def make_lane(*, paid_bytes: int = 1 << 20, jobs: FakeJobs | None = None, config
     )
     job_rounds = None
     if jobs is not None:
-        job_rounds = JobRounds(jobs, store, queue, skip_unchanged=True, reserved_prefix="embed-worker:")
+        job_rounds = JobRounds(
+            jobs,
+            store,
+            queue,
+            skip_unchanged=True,
+            reserved_prefix="embed-worker:",
+            admission=upstream.admission,
+            metrics=metrics,
+        )
     deferred = DeferredLane(
         queue,
         store,
@@ -155,7 +164,7 @@ def make_lane(*, paid_bytes: int = 1 << 20, jobs: FakeJobs | None = None, config
         reply_to=re.compile(DEFAULT_REPLY_TO),
         jobs=job_rounds,
     )
-    return Lane(broker, channel, store, embedder, deferred, replies, settler)
+    return Lane(broker, channel, store, embedder, deferred, replies, settler, metrics)
 
 
 @pytest.fixture
@@ -320,6 +329,23 @@ async def test_no_batch_api_job_is_submitted_while_the_store_takes_no_writes() -
     assert jobs.submitted == []
     lane.store.refusing = None
     assert await drain(lane) == 0 and jobs.submitted == [["via a job"]] and len(lane.store.jobs_hash) == 1
+
+
+async def test_a_batch_api_job_counts_half_the_sync_price_in_the_spend_cap() -> None:
+    """UPSTREAM_USD_LIMIT and embed_spend_usd_total see Batch API jobs too, at the Batch API's half price."""
+    jobs = FakeJobs()
+    lane = make_lane(jobs=jobs)
+    lane.defer([("doc:p1", "x" * 400), ("doc:p2", "y" * 400)])  # 100 estimated tokens each
+    await drain(lane)
+    assert jobs.submitted == [["x" * 400, "y" * 400]]
+    spent = {
+        sample.labels["model"]: sample.value
+        for family in lane.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "embed_spend_usd_total" and sample.labels["lane"] == "deferred"
+    }
+    model = next(iter(spent))
+    assert spent[model] == pytest.approx(200 * limits.price(model) / 1e6 * limits.BATCH_API_DISCOUNT)
 
 
 @contextlib.asynccontextmanager

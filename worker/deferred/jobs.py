@@ -33,9 +33,13 @@ from typing import Any
 
 import orjson
 
+from worker import inputs, limits
+from worker.admission import Admission
 from worker.errors import EmbedError
+from worker.lanes import Lane
 from worker.logs import safe
 from worker.messages import EmbedConfig, encode_deferred_in
+from worker.metrics import Metrics
 from worker.ports import REQUEUE, BatchJobs, DeferredQueue, JobResult, StoredVector, StoreUnavailable, VectorStore
 from worker.topology import BATCH_ATTEMPTS_HEADER
 
@@ -115,7 +119,13 @@ class JobRounds:
         *,
         skip_unchanged: bool,
         reserved_prefix: str,
+        admission: Admission | None = None,
+        metrics: Metrics | None = None,
     ):
+        """``admission``: a job's estimated price (the Batch API's, half the sync one) is counted in the spend cap
+        (UPSTREAM_USD_LIMIT) before it is submitted, in the deferred lane's place behind the queries."""
+        self._admission = admission
+        self._metrics = metrics
         self._jobs = jobs
         self._store = store
         self._queue = queue
@@ -141,7 +151,7 @@ class JobRounds:
                         by_config.setdefault(cfg, []).append((key, text))
             for cfg, items in by_config.items():
                 texts = list(dict.fromkeys(text for _, text in items))
-                name = await self._jobs.submit(texts, cfg, display_name=f"embed-worker {len(texts)} texts")
+                name = await self._submit(texts, cfg)
                 await self._store.save_job(name, JobRecord(cfg, texts, items, tries, seq).to_json())
                 log.info("Batch API job %s submitted: %d texts for %d keys", name, len(texts), len(items))
         except (StoreUnavailable, EmbedError) as exc:
@@ -156,6 +166,17 @@ class JobRounds:
                 result.parked.append(split)
             result.settles.append((delivery, settle))
         return result
+
+    async def _submit(self, texts: list[str], cfg: EmbedConfig) -> str:
+        display_name = f"embed-worker {len(texts)} texts"
+        if self._admission is None:
+            return await self._jobs.submit(texts, cfg, display_name=display_name)
+        usd = sum(inputs.usd(text, cfg.model) for text in texts) * limits.BATCH_API_DISCOUNT
+        async with self._admission.call(Lane.DEFERRED, 0, usd=usd):
+            name = await self._jobs.submit(texts, cfg, display_name=display_name)
+        if self._metrics is not None:
+            self._metrics.spend.labels(Lane.DEFERRED, cfg.model).inc(usd)
+        return name
 
     async def poll(self) -> int:
         """Collect finished jobs: write their vectors and forget them in one transaction. Returns vectors written."""
