@@ -63,8 +63,8 @@ URGENT_GRACE_MS = 5000
 # this worker's latest call still in its window ("" = none), 9 "1" for an urgent call (the default lane), else "0",
 # 10.. pairs (age ms, member): calls of this worker the log should hold.
 # Lane order across the fleet: an urgent call that must wait leaves a marker until it is back (its wait and
-# URGENT_GRACE_MS); while any marker holds, a non-urgent call is told to wait until the budget frees and HOLD_BACK_MS more,
-# so the urgent caller, waking first, takes the room.
+# URGENT_GRACE_MS); while any marker holds, a non-urgent call is told to wait until the budget frees and
+# HOLD_BACK_MS more, so the urgent caller, waking first, takes the room.
 # Returns {verdict (1 admitted, 0 wait, -1 the latest call is gone: send the recent ones), ms to wait, live workers,
 # the time in ms, the budgets live workers declare, sorted, comma-separated}.
 _ACQUIRE = """
