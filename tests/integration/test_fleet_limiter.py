@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from tests.clock import JumpingTime
 from tests.conftest import OwnRedis
 from worker import redis_quota
 from worker.metrics import Metrics
@@ -20,28 +21,12 @@ WINDOW = 2.0
 PREFIX = "t:"
 
 
-class FakeTime:
-    """Time that moves only when someone sleeps, or when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-    def at_least(self, when: float) -> None:
-        self.now = max(self.now, when)
-
-
 class Fleet:
     """Limiters of one fleet on one fake clock, and every call they admit: (limiter's name, time)."""
 
     def __init__(self, server: OwnRedis) -> None:
         self.server = server
-        self.t = FakeTime()
+        self.t = JumpingTime()
         self.admitted: list[tuple[str, float]] = []
         self.errors: list[None] = []
         self.metrics: dict[str, Metrics] = {}

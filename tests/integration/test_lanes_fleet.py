@@ -8,54 +8,12 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from tests.clock import ManualTime
 from tests.conftest import OwnRedis
 from worker.metrics import Metrics
 from worker.redis_quota import FleetLimiter
 
 pytestmark = pytest.mark.integration
-
-
-class ManualTime:
-    """Time that moves only when the test says. Redis answers on real time, so the test waits for the sleepers it
-    expects (``sleeping``) before it moves time, never for a number of loop turns."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleepers = 0
-        self._changed = asyncio.Condition()
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        until = self.now + seconds
-        async with self._changed:
-            self.sleepers += 1
-            self._changed.notify_all()
-            try:
-                await self._changed.wait_for(lambda: self.now >= until)
-            finally:
-                self.sleepers -= 1
-
-    async def sleeping(self, count: int) -> None:
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: self.sleepers >= count), 10)
-
-    async def advance(self, seconds: float) -> None:
-        async with self._changed:
-            self.now += seconds
-            self._changed.notify_all()
-
-    async def run_until_done(self, *tasks: asyncio.Task[None], step: float = 1.0) -> None:
-        """Move time by ``step`` each time every task still running sleeps, until all are done."""
-        while pending := [task for task in tasks if not task.done()]:
-            asleep = asyncio.ensure_future(self.sleeping(len(pending)))
-            await asyncio.wait({asleep, *pending}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-            if asleep.done():
-                asleep.result()
-                await self.advance(step)
-            else:
-                asleep.cancel()
 
 
 @pytest.fixture

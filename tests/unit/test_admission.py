@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.clock import JumpingTime, ManualTime
 from worker.admission import Admission, headroom
 from worker.flow import RateLimiter
 from worker.lanes import Lane, floor_slots
@@ -198,28 +199,6 @@ async def test_a_cancelled_waiter_frees_its_place() -> None:
 
 
 # ---------------------------------------------------------------------- the in-process budget, on time we move
-class ManualTime:
-    """Time that moves only when the test says; sleepers wake when it has passed their time."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._moved = asyncio.Condition()
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        until = self.now + seconds
-        async with self._moved:
-            await self._moved.wait_for(lambda: self.now >= until)
-
-    async def advance(self, seconds: float) -> None:
-        async with self._moved:
-            self.now += seconds
-            self._moved.notify_all()
-        await settle()
-
-
 async def test_process_budget_a_query_overtakes_bulk_waiting_for_the_window() -> None:
     """UPSTREAM_RPM 1 per 10 s in process scope: the bulk call waiting for the window steps back for a query that
     came later, and goes in the window after it."""
@@ -231,11 +210,14 @@ async def test_process_budget_a_query_overtakes_bulk_waiting_for_the_window() ->
     calls.start("b2", Lane.BULK)
     await settle()
     await t.advance(3)
+    await settle()
     calls.start("q", Lane.DEFAULT)
     await settle()
     await t.advance(7)
+    await settle()
     assert calls.order == ["b1", "q"]
     await t.advance(10)
+    await settle()
     assert calls.order == ["b1", "q", "b2"]
     await calls.aclose()
 
@@ -248,19 +230,6 @@ async def test_process_budget_refuses_at_once_what_it_cannot_afford_by_the_deadl
         await limiter.acquire(1, deadline=5.0)
     assert refused.value.wait == pytest.approx(10)
     assert t.now == 0  # refused without waiting for the deadline
-
-
-class AutoTime:
-    """Time that jumps to wherever a sleeper wants it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @settings(max_examples=60, deadline=None)
@@ -277,7 +246,7 @@ def test_the_spend_window_is_never_exceeded(
     however they are spaced, no rolling window ever holds more than the cap (to the millionth of a dollar)."""
 
     async def run() -> list[tuple[float, float]]:
-        t = AutoTime()
+        t = JumpingTime()
         limiter = RateLimiter(usd=limit, usd_window=window, clock=t.clock, sleep=t.sleep)
         admitted = []
         for share, gap in zip(shares, gaps, strict=False):

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.clock import JumpingTime
 from worker.admission import Admission
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.lanes import Lane
@@ -39,23 +40,8 @@ async def test_adaptive_concurrency_halves_on_429_and_bounds_inflight() -> None:
     assert limit.limit == 8  # recovers, never past the configured maximum
 
 
-class FakeTime:
-    """Time that moves only when someone sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
 async def test_unlimited_rate_limiter_never_waits() -> None:
-    t = FakeTime()
+    t = JumpingTime()
     limiter = RateLimiter(clock=t.clock, sleep=t.sleep)
     for _ in range(1000):
         await limiter.acquire(2048)
@@ -63,7 +49,7 @@ async def test_unlimited_rate_limiter_never_waits() -> None:
 
 
 async def test_a_full_window_waits_until_its_oldest_call_leaves() -> None:
-    t = FakeTime()
+    t = JumpingTime()
     limiter = RateLimiter(3, 1000, window=60, clock=t.clock, sleep=t.sleep)
     for at in (0, 10, 20):
         t.now = at
@@ -78,7 +64,7 @@ async def test_a_full_window_waits_until_its_oldest_call_leaves() -> None:
 
 
 async def test_a_cool_down_holds_every_call() -> None:
-    t = FakeTime()
+    t = JumpingTime()
     limiter = RateLimiter(clock=t.clock, sleep=t.sleep)
     await limiter.cool_down(7)
     await limiter.acquire(1)
@@ -98,7 +84,7 @@ def test_no_rolling_window_ever_holds_more_than_the_budget(
     (a call larger than the whole budget counts as the whole budget); and no call waits longer than it must."""
 
     async def run() -> None:
-        t = FakeTime()
+        t = JumpingTime()
         limiter = RateLimiter(calls, budget, window=10, clock=t.clock, sleep=t.sleep)
         admitted: list[tuple[float, int]] = []
         for gap, tokens in arrivals:
@@ -139,7 +125,7 @@ def most_in_any_window(times: list[float], window: float) -> int:
     return max((sum(1 for u in times if t <= u < t + window - 1e-3) for t in times), default=0)
 
 
-async def limited(limiter: RateLimiter, t: FakeTime, calls: int, tokens: int = 1) -> list[float]:
+async def limited(limiter: RateLimiter, t: JumpingTime, calls: int, tokens: int = 1) -> list[float]:
     admitted = []
     for _ in range(calls):
         await limiter.acquire(tokens)
@@ -149,14 +135,14 @@ async def limited(limiter: RateLimiter, t: FakeTime, calls: int, tokens: int = 1
 
 async def test_a_budget_below_one_call_admits_one_call_per_stretched_window() -> None:
     """Half a call per 2 s (a fleet's 10 shared by 20 workers) is one call per 4 s: the same rate, never a crash."""
-    t = FakeTime()
+    t = JumpingTime()
     limiter = RateLimiter(0.5, window=2, clock=t.clock, sleep=t.sleep)
     assert await limited(limiter, t, 3) == [0, pytest.approx(4), pytest.approx(8)]
 
 
 async def test_a_fractional_budget_above_one_keeps_every_window_within_it() -> None:
     """2.5 calls per 60 s: never 3 in a window (the fraction is given up, never overshot)."""
-    t = FakeTime()
+    t = JumpingTime()
     limiter = RateLimiter(2.5, window=60, clock=t.clock, sleep=t.sleep)
     admitted = await limited(limiter, t, 5)
     assert most_in_any_window(admitted, 60) == 2 and admitted[-1] == pytest.approx(120)
@@ -165,7 +151,7 @@ async def test_a_fractional_budget_above_one_keeps_every_window_within_it() -> N
 async def test_a_token_budget_below_one_call_still_limits() -> None:
     """A share of half a token per window (TPM 10 over 20 workers): each call counts as the whole budget and waits
     for an empty window, instead of counting as nothing."""
-    t = FakeTime()
+    t = JumpingTime()
     limiter = RateLimiter(0, 0.5, window=2, clock=t.clock, sleep=t.sleep)
     assert await limited(limiter, t, 3, tokens=10) == [0, pytest.approx(2), pytest.approx(4)]
 
@@ -183,7 +169,7 @@ def test_fractional_budgets_hold_in_every_window(
     ``window / calls``; at most ``budget`` tokens in any window (a call counts as at most the whole budget)."""
 
     async def run() -> None:
-        t = FakeTime()
+        t = JumpingTime()
         limiter = RateLimiter(calls, budget, window=10, clock=t.clock, sleep=t.sleep)
         admitted: list[tuple[float, float]] = []
         for gap, tokens in arrivals:
@@ -209,7 +195,7 @@ async def test_an_internal_failure_never_reaches_the_caller(
 ) -> None:
     """A bug in the window's arithmetic is logged and counted; the window starts afresh once every call it held has
     left (so the budget still holds), and the call goes ahead."""
-    t = FakeTime()
+    t = JumpingTime()
     errors: list[None] = []
     limiter = RateLimiter(2, window=10, clock=t.clock, sleep=t.sleep, on_error=lambda: errors.append(None))
     await limiter.acquire(1)
