@@ -198,15 +198,22 @@ async def test_a_forged_direct_reply_to_name_costs_only_its_own_request(
                         {"model": "gemini-embedding-001", "dimensions": 3072, "embeddings": got.tolist()}, [text]
                     )
 
-            async def dropped_both() -> bool:
-                return (await _replies(port)).get(("dropped", "caller_gone"), 0) >= 2
+            async def all_settled() -> bool:
+                counts = await _replies(port)
+                return counts.get(("dropped", "caller_gone"), 0) + counts.get(("ok", "ok"), 0) >= 42
 
-            await _wait_for(dropped_both)
+            await _wait_for(all_settled)
     finally:
         await learner.close()
     counts = await _replies(port)
-    assert counts.get(("dropped", "caller_gone")) == 2
-    assert counts.get(("ok", "ok")) == 40  # Direct Reply-to replies are counted when confirmed
+    dropped = counts.get(("dropped", "caller_gone"), 0)
+    assert dropped + counts.get(("ok", "ok"), 0) == 42  # Direct Reply-to replies are counted when confirmed
+    if check_callers:
+        assert dropped == 2  # the probe found each forged name gone: no upstream call for it
+    else:
+        # Published: RabbitMQ 3.10 fails the connection over the forged name (541: dropped, alone); Debian's
+        # 4.0.5-6+deb13u2 confirms the reply and discards it (counted ok). Either way it costs that request only.
+        assert dropped in {0, 2}
     assert emulator_state.texts <= 42  # the forged requests were embedded at most once each: no loop
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("worker")]
     assert not [m for m in ours if "node of Direct Reply-to callers" in m or "returned" in m]
