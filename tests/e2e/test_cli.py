@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import Broker
+from tests.integration.helpers import queue_depth
+from worker import topology
+from worker.amqp.connection import declare_once
 from worker.processes import ManagedProcess
 from worker.vectors import expected_vector
 
@@ -143,3 +147,26 @@ async def test_embed_with_no_worker_running_still_times_out(cli: Any, start_work
     proc = cli("embed", "hi", "--url", vhost, "--timeout", "0.5")
     assert await exit_code(proc) == OTHER
     assert "no reply in time" in one_clean_line(proc.output)
+
+
+@pytest.mark.parametrize(
+    ("args", "lane_queue"),
+    [
+        (["--file", "{file}"], topology.BULK_QUEUE),  # a file is ingestion: bulk unless told otherwise
+        (["--file", "{file}", "--lane", "default"], topology.QUEUE),
+        (["a query"], topology.QUEUE),
+        (["a query", "--lane", "bulk"], topology.BULK_QUEUE),
+    ],
+)
+async def test_embed_sends_a_file_on_the_bulk_lane_and_texts_on_the_default_lane(
+    cli: Any, vhost: str, tmp_path: Path, args: list[str], lane_queue: str
+) -> None:
+    """No worker consumes: the request waits in the queue of the lane it was sent on."""
+    await declare_once(vhost)
+    lines = tmp_path / "docs.txt"
+    lines.write_text("one document\n")
+    proc = cli("embed", *(a.format(file=lines) for a in args), "--url", vhost, "--timeout", "0.5")
+    assert await exit_code(proc) == OTHER
+    assert await queue_depth(vhost, lane_queue) == 1
+    other = topology.QUEUE if lane_queue == topology.BULK_QUEUE else topology.BULK_QUEUE
+    assert await queue_depth(vhost, other) == 0
