@@ -86,8 +86,8 @@ class _Values:
             retry=RetryPolicy.from_settings(settings),
             deferred=DeferredConfig.from_settings(settings),
             lanes=(
-                LaneConfig(Lane.DEFAULT, settings.effective_prefetch, settings.batch_max_wait_ms / 1000),
-                LaneConfig(Lane.BULK, settings.effective_bulk_prefetch, settings.bulk_max_wait_ms / 1000, reserve),
+                LaneConfig(Lane.DEFAULT, settings.effective_prefetch),
+                LaneConfig(Lane.BULK, settings.effective_bulk_prefetch, reserve),
             ),
             ingest_reserve=reserve,
         )

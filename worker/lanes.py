@@ -27,11 +27,10 @@ class Lane(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class LaneConfig:
-    """How one RPC lane takes its deliveries and forms its batches."""
+    """How one RPC lane's consumer takes its deliveries (its batches' max wait is ``EmbedService``'s)."""
 
     lane: Lane
     prefetch: int  # deliveries the broker may send ahead (also bounded by the byte budget)
-    max_wait_s: float  # how long a batch's first request waits for more
     # Bytes of the shared budget (MAX_HELD_BYTES) this lane leaves to others: bulk leaves room for queries.
     reserve_bytes: int = 0
 

@@ -137,9 +137,8 @@ class EmbedService:
         self._publisher = publisher
         self._limits = limits
         self._reply_to = reply_to
-        waits = {Lane.DEFAULT: batching.max_wait_s, Lane.BULK: batching.max_wait_s}
-        if bulk_max_wait_s is not None:
-            waits[Lane.BULK] = bulk_max_wait_s
+        bulk_wait = batching.max_wait_s if bulk_max_wait_s is None else bulk_max_wait_s
+        waits = {Lane.DEFAULT: batching.max_wait_s, Lane.BULK: bulk_wait}
         self.batchers: dict[Lane, Batcher[EmbedConfig, _Item, Outcome]] = {
             lane: Batcher(
                 functools.partial(self._embed_batch, lane),

@@ -279,8 +279,7 @@ class Settings(BaseSettings):
     @property
     def effective_bulk_prefetch(self) -> int:
         """The bulk lane's window: BULK_PREFETCH_COUNT, else the rule of ``_wanted_prefetch``, capped for quorum."""
-        wanted = self.bulk_prefetch_count or self._wanted_prefetch
-        return min(wanted, QUORUM_MAX_PREFETCH) if self.queue_type == "quorum" else wanted
+        return self._capped(self.bulk_prefetch_count or self._wanted_prefetch)
 
     @property
     def limited(self) -> bool:
@@ -301,7 +300,9 @@ class Settings(BaseSettings):
     @property
     def effective_prefetch(self) -> int:
         """Messages the broker may hand this consumer before any ack: ``_wanted_prefetch``, capped for quorum."""
-        wanted = self._wanted_prefetch
+        return self._capped(self._wanted_prefetch)
+
+    def _capped(self, wanted: int) -> int:
         if self.queue_type == "quorum":
             return min(wanted, QUORUM_MAX_PREFETCH)  # RabbitMQ 4.x caps it anyway; say so (prefetch_warnings)
         return wanted
