@@ -20,6 +20,17 @@ from worker.emulator import EmulatorState
 pytestmark = pytest.mark.integration
 
 
+def budget_scope(scope: str, redis_url: str, prefix: str) -> dict[str, Any]:
+    """The API budget in ``scope`` ("process" or "fleet", through this test's keys on the shared Redis); the
+    deferred lane off, so that REDIS_URL only serves the budget."""
+    return {
+        "upstream_limit_scope": scope,
+        "redis_url": redis_url,
+        "redis_key_prefix": prefix,
+        "deferred_enabled": False,
+    }
+
+
 def request(text: str) -> dict[str, Any]:
     return {"texts": [text], "task_type": "RETRIEVAL_QUERY", "output_dimensionality": 128}
 
@@ -130,10 +141,7 @@ async def test_the_api_budget_admits_a_query_before_the_bulk_backlog(
             bulk_max_wait_ms=0,
             upstream_rpm=2,
             upstream_window_s=1,
-            upstream_limit_scope=scope,
-            redis_url=redis_url,
-            redis_key_prefix=prefix,
-            deferred_enabled=False,
+            **budget_scope(scope, redis_url, prefix),
         )
         await started_draining(lanes)
         cid = await lanes.query("urgent question")
@@ -153,10 +161,7 @@ async def test_the_spend_cap_holds_and_a_request_that_cannot_wait_is_told_at_onc
     worker = await start_worker(
         upstream_usd_limit=0.00001,
         upstream_usd_window_s=60,
-        upstream_limit_scope=scope,
-        redis_url=redis_url,
-        redis_key_prefix=prefix,
-        deferred_enabled=False,
+        **budget_scope(scope, redis_url, prefix),
     )
     async with RawCaller(vhost) as caller:
         first = await caller.call({"texts": texts})
