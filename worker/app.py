@@ -1,8 +1,8 @@
 """Composition root: build every part from one ``Settings`` and run the worker until told to stop.
 
 The only module that knows every other one. Start order: the embedder, the broker connection and topology, the
-RPC lane, the deferred lane, then the health endpoints; on SIGTERM, ``_drain`` stops them in the reverse order
-of the work's flow (stop taking, flush, answer, settle) within SHUTDOWN_GRACE_S.
+RPC lanes (a consumer each), the deferred lane, then the health endpoints; on SIGTERM, ``_drain`` stops them in
+the reverse order of the work's flow (stop taking, flush, answer, settle) within SHUTDOWN_GRACE_S.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The protocols and value types the core depends on; adapters implement them.
 
-The core is ``service.py`` (RPC lane), ``deferred/`` (fire-and-forget lane) and ``upstream.py``. The adapters are
+The core is ``service.py`` (the RPC lanes), ``deferred/`` (fire-and-forget lane), ``upstream.py`` and
+``admission.py`` (who goes upstream first). The adapters are
 ``amqp/`` (``Delivery``, ``ReplyPublisher``, ``DeferredQueue``), ``redis_store.py`` (``VectorStore``) and
 ``embedders/`` (``Embedder``, ``BatchJobs``). Nothing here imports a broker client, a database client or an SDK.
 

@@ -1,6 +1,6 @@
-"""Where every delivery of both lanes is settled: the one file that sends basic.ack and basic.reject.
+"""Where every delivery of every lane is settled: the one file that sends basic.ack and basic.reject.
 
-The core decides (``service.py`` for the RPC lane, ``deferred/`` for the fire-and-forget lane) and returns a
+The core decides (``service.py`` for the RPC lanes, ``deferred/`` for the fire-and-forget lane) and returns a
 ``ports.Settle`` per delivery; this module applies it:
 
 | Settle       | frames                                                                                   |
