@@ -19,13 +19,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from worker import inputs
+from worker.errors import EmbedError
 from worker.inputs import EmbedInput
 from worker.lanes import Call
 from worker.messages import EmbedConfig
 from worker.metrics import Metrics
 from worker.ports import BatchEmbedder, CacheUnavailable, VectorCache
 from worker.upstream import Outcome
-from worker.vectors import FloatArray
+from worker.vectors import FloatArray, as_array
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,9 @@ class Frugal:
         if self._cache is None or time.monotonic() < self._skip_cache_until:
             return
         entries = [
-            (cache_key(self._prefix, config, text), np.asarray(vector, dtype="<f4").tobytes())
+            (cache_key(self._prefix, config, text), as_array(vector).astype("<f4", copy=False).tobytes())
             for text, vector in fresh.items()
-            if isinstance(vector, np.ndarray)
+            if not isinstance(vector, EmbedError)
         ]
         if entries:
             task = asyncio.create_task(self._write(entries))

@@ -24,7 +24,7 @@ from worker import limits
 from worker.errors import EmbedError, InvalidRequest
 from worker.inputs import EmbedInput, parse_parts
 from worker.topology import DEADLINE_HEADER
-from worker.vectors import FloatArray
+from worker.vectors import FloatArray, JsonVector, Vector, as_array
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -350,8 +350,16 @@ class Reply:
     headers: dict[str, Any] | None = None
 
 
-def encode_vectors(vectors: FloatArray, model: str, encoding: str = "json") -> Reply:
-    """The success reply. orjson writes float32 arrays directly (shortest round-trip repr)."""
+def encode_vectors(
+    vectors: FloatArray | Sequence[Vector], model: str, encoding: str = "json", *, dimensions: int | None = None
+) -> Reply:
+    """The success reply: a (count, dimensions) array, or one vector per input (``dimensions`` then says their
+    size). JSON: orjson writes float32 arrays directly (shortest round-trip repr), and a ``JsonVector`` goes in as
+    the API wrote it, unparsed (the same numbers; see ``vectors.JsonVector``)."""
+    if not isinstance(vectors, np.ndarray):
+        if encoding == "json" and any(isinstance(v, JsonVector) for v in vectors):
+            return _spliced_reply(vectors, model, dimensions)
+        vectors = np.stack([as_array(v) for v in vectors]) if vectors else np.empty((0, dimensions or 0), np.float32)
     count, dims = (int(n) for n in vectors.shape)
     if encoding == "float32":
         return Reply(
@@ -362,6 +370,17 @@ def encode_vectors(vectors: FloatArray, model: str, encoding: str = "json") -> R
     return Reply(
         orjson.dumps({"embeddings": vectors, "model": model, "dimensions": dims}, option=orjson.OPT_SERIALIZE_NUMPY)
     )
+
+
+def _spliced_reply(vectors: Sequence[Vector], model: str, dimensions: int | None) -> Reply:
+    """The JSON success reply, each vector's JSON joined in: the bytes orjson writes for the same numbers, but for
+    how each number is spelt."""
+    if dimensions is None:
+        raise ValueError("encode_vectors needs dimensions for vectors as the API wrote them")
+    numpy = orjson.OPT_SERIALIZE_NUMPY
+    texts = [v.text if isinstance(v, JsonVector) else orjson.dumps(v, option=numpy) for v in vectors]
+    tail = b'],"model":' + orjson.dumps(model) + b',"dimensions":' + str(dimensions).encode() + b"}"
+    return Reply(b'{"embeddings":[' + b",".join(texts) + tail)
 
 
 # What orjson writes for one float32 in [-1, 1] (a unit vector's component) takes at most 16 characters, e.g.

@@ -20,7 +20,10 @@ from worker.errors import EmbedError
 from worker.inputs import EmbedInput
 from worker.lanes import Call
 from worker.messages import EmbedConfig, Reply
-from worker.vectors import FloatArray
+from worker.vectors import FloatArray, JsonVector, Vector
+
+# What a batch gives each of its inputs: its vector, or the error its request is answered with.
+Outcome = Vector | EmbedError
 
 
 # ---------------------------------------------------------------------- settling
@@ -218,16 +221,17 @@ class BatchEmbedder(Protocol):
 
     async def embed(
         self, texts: Sequence[EmbedInput], config: EmbedConfig, call: Call | None = None
-    ) -> list[FloatArray | EmbedError]: ...
+    ) -> list[Outcome]: ...
 
 
 class Embedder(Protocol):
-    """One API call for one batch: all texts share ``config``; returns one unit-length float32 row per text.
+    """One API call for one batch: all texts share ``config``; returns one unit-length vector per text, as float32
+    rows or as the API wrote them (``vectors.JsonVector``).
 
     ``call`` raises ``worker.errors.UpstreamError`` (or a subclass) for API failures; ``upstream.UpstreamCaller``
     turns them into the ``BatchEmbedder`` outcomes."""
 
-    async def call(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray: ...
+    async def call(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray | list[JsonVector]: ...
 
     async def aclose(self) -> None: ...
 

@@ -40,8 +40,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from worker.batcher import Batcher, BatcherClosed, BatchStats
 from worker.budgets import BatchingConfig, weigh
 from worker.errors import DeadlineExceeded, EmbedError, ErrorCode, InvalidRequest, OverBudget
@@ -250,8 +248,10 @@ class EmbedService:
                 extra=context(delivery.correlation_id),
             )
             return await self._finish(delivery, lane, encode_error(error), settle_for_error(error), code=error.code)
-        vectors = np.stack(outcomes)  # type: ignore[arg-type]  # no errors left, checked above
-        reply = encode_vectors(vectors, request.config.model, request.reply_encoding)
+        vectors = [o for o in outcomes if not isinstance(o, EmbedError)]  # all of them: no error, checked above
+        reply = encode_vectors(
+            vectors, request.config.model, request.reply_encoding, dimensions=request.config.dimensions
+        )
         if len(reply.body) > self._reply_max:  # the estimate is an upper bound; this is the last line
             refusal = self._too_large(len(reply.body))
             return await self._finish(delivery, lane, encode_error(refusal), ACK, code=refusal.code)

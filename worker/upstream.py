@@ -16,22 +16,22 @@ from typing import TYPE_CHECKING
 from worker import inputs
 from worker.admission import Admission
 from worker.backoff import Backoff
-from worker.errors import CredentialError, EmbedError, InvalidRequest, RateLimited, UpstreamError, UpstreamInvalidInput
+from worker.errors import CredentialError, InvalidRequest, RateLimited, UpstreamError, UpstreamInvalidInput
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.inputs import EmbedInput
 from worker.lanes import Call, Lane
 from worker.logs import safe
 from worker.messages import EmbedConfig
 from worker.metrics import Metrics
-from worker.ports import Embedder, Limiter
-from worker.vectors import FloatArray
+from worker.ports import Embedder, Limiter, Outcome
+from worker.vectors import FloatArray, JsonVector
 
 if TYPE_CHECKING:
     from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Outcome = FloatArray | EmbedError
+__all__ = ["Outcome", "RetryPolicy", "UpstreamCaller"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +114,9 @@ class UpstreamCaller:
                     self.breaker.success()
                 return list(vectors)
 
-    async def _call(self, texts: Sequence[EmbedInput], config: EmbedConfig, call: Call) -> FloatArray:
+    async def _call(
+        self, texts: Sequence[EmbedInput], config: EmbedConfig, call: Call
+    ) -> FloatArray | list[JsonVector]:
         """One attempt: a slot and the budget, in lane order (``admission.py``), then the API call."""
         tokens = sum(inputs.tokens(t) for t in texts)
         usd = sum(inputs.usd(t, config.model) for t in texts)
@@ -130,7 +132,7 @@ class UpstreamCaller:
         if seconds > 0.0005:  # a wait at all, not the cost of asking
             self.metrics.ratelimit_wait.labels(lane).inc(seconds)
 
-    async def _timed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray:
+    async def _timed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray | list[JsonVector]:
         started = time.perf_counter()
         try:
             return await self._embedder.call(texts, config)

@@ -10,12 +10,45 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 # Float32 vectors, one (dims,) or many (count, dims): the one array type the package passes around.
 FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class JsonVector:
+    """One vector as the API wrote it: its JSON array (``[n,n,...]``, no whitespace), numbers as the API formatted
+    them. A JSON reply splices it in unparsed (``messages.encode_vectors``): at 3,072 dimensions parsing, making
+    float32 and formatting again cost more than the rest of the worker (README, performance). ``array`` parses it
+    when numbers are needed: a float32 reply, a cache write, the deferred lane's store. ``text`` may be a view into
+    the API's response body, which it keeps alive: hold one only until its reply is out (``as_array`` copies)."""
+
+    text: bytes | memoryview
+
+    def array(self) -> FloatArray:
+        # orjson to float64, then float32: exactly what parsing the whole response did, to the last bit
+        return np.array(orjson.loads(self.text), dtype=np.float32)
+
+
+# One vector of an outcome: parsed (normalised below full size, from the cache, from a fake) or as the API wrote it.
+Vector = FloatArray | JsonVector
+
+
+def as_array(vector: Vector) -> FloatArray:
+    """The vector's float32 numbers (parsed from its JSON when it has not been)."""
+    return vector.array() if isinstance(vector, JsonVector) else vector
+
+
+def stack(vectors: FloatArray | Sequence[Vector]) -> FloatArray:
+    """Vectors as one (count, dims) float32 array, parsing those that need it."""
+    if isinstance(vectors, np.ndarray):
+        return vectors
+    return np.stack([as_array(v) for v in vectors])
 
 
 def seed_of(parts: Sequence[tuple[str, str, bytes]]) -> str:

@@ -25,6 +25,7 @@ from worker.embedders.request import build_request
 from worker.emulator import EmulatorThread
 from worker.inputs import Content, EmbedInput, Part
 from worker.messages import EmbedConfig
+from worker.vectors import stack
 
 G2 = "gemini-embedding-2"
 MODELS = ["gemini-embedding-001", G2, "text-embedding-004"]
@@ -146,8 +147,8 @@ async def test_every_path_sends_the_same_request(paths: dict[str, tuple[GeminiEm
         for dims in (None, 256):
             config = EmbedConfig(model, task, dims)
             want = [expected(model, task, dims, item) for item in items]
-            fast_vectors = await fast.call(items, config)
-            public_vectors = await public.call(items, config)
+            fast_vectors = stack(await fast.call(items, config))
+            public_vectors = stack(await public.call(items, config))
             sent = {"fast path": sync_entries(fast_wire, model), "public method": sync_entries(public_wire, model)}
             await GeminiBatchJobs(public.client).submit(items, config, display_name="t")
             sent["Batch API"] = batch_entries(public_wire, model)

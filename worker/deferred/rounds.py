@@ -50,10 +50,12 @@ from worker.ports import (
     VectorStore,
     dead_letter,
 )
-from worker.upstream import Outcome
-from worker.vectors import FloatArray
+from worker.vectors import FloatArray, as_array
 
 log = logging.getLogger(__name__)
+
+# An outcome with its vector parsed: the store writes numbers (``ports.Outcome`` may hold the API's JSON).
+_Parsed = FloatArray | EmbedError
 
 Decoded = list[tuple[Delivery, DeferredRequest]]
 KeyId = tuple[EmbedConfig, str]
@@ -267,7 +269,7 @@ class SyncRounds:
         self._skip_unchanged = skip_unchanged
         self._reserved_prefix = reserved_prefix
         self._paid = PaidVectors(paid_bytes)
-        self._batcher: Batcher[EmbedConfig, EmbedInput, Outcome] = Batcher(
+        self._batcher: Batcher[EmbedConfig, EmbedInput, _Parsed] = Batcher(
             self._embed_batch,
             max_size=batch_max_size,
             max_wait=0,
@@ -276,8 +278,10 @@ class SyncRounds:
             budgets=batching.budgets if batching is not None else (),
         )
 
-    async def _embed_batch(self, config: EmbedConfig, texts: list[EmbedInput]) -> list[Outcome]:
-        return await self._upstream.embed(texts, config, Call(Lane.DEFERRED))  # ingestion: after the queries
+    async def _embed_batch(self, config: EmbedConfig, texts: list[EmbedInput]) -> list[_Parsed]:
+        outcomes = await self._upstream.embed(texts, config, Call(Lane.DEFERRED))  # ingestion: after the queries
+        # The store writes numbers: parse here, once (and let go of the API's response body)
+        return [o if isinstance(o, EmbedError) else as_array(o) for o in outcomes]
 
     def drained(self) -> None:
         """The lane found its queue empty: vectors kept for messages that did not come back here are not needed."""
@@ -360,10 +364,10 @@ class SyncRounds:
             todo = [kid for kid in todo if kid[1] in again and keys[kid].candidates]
         return planned
 
-    async def _embed(self, wanted: dict[KeyId, str]) -> dict[tuple[EmbedConfig, str], Outcome]:
+    async def _embed(self, wanted: dict[KeyId, str]) -> dict[tuple[EmbedConfig, str], _Parsed]:
         """One upstream slot per distinct text of each configuration, but none for a vector kept from a round the
         store refused."""
-        outcomes: dict[tuple[EmbedConfig, str], Outcome] = {}
+        outcomes: dict[tuple[EmbedConfig, str], _Parsed] = {}
         by_config: dict[EmbedConfig, dict[str, None]] = {}
         for cfg, text in dict.fromkeys((cfg, text) for (cfg, _), text in wanted.items()):
             kept = self._paid.take(cfg, text)
