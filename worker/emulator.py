@@ -13,6 +13,10 @@ API returns.
 
 Faults and latency are injected from the command line or at run time through ``/_emulator/*``:
     POST /_emulator/config  {"latency_ms": 100, "faults": [{"status": 429, "times": 2}], ...}
+``capacity`` plays an upstream that saturates: past that many calls at once, each call's latency grows in
+proportion (``latency_ms x in flight / capacity``, processor sharing), so more concurrency buys no more
+throughput, only queueing; the adaptive concurrency limit must find that knee. ``indent`` writes responses as
+the real API does, indented with two spaces (compact by default, as the benchmarks' history was measured).
     GET  /_emulator/stats   calls, texts and batch sizes seen so far
     POST /_emulator/reset   clear stats and faults
 A text containing ``BAD_INPUT_MARKER`` makes the whole batch fail with 400, as the real API rejects a
@@ -87,6 +91,10 @@ class BatchJob:
 @dataclass
 class EmulatorState:
     latency_ms: float = 0.0
+    capacity: int = 0  # calls served at full speed at once; 0 = any number
+    indent: bool = False  # responses indented like the real API's
+    in_flight: int = 0
+    max_in_flight: int = 0
     fail_rate: float = 0.0
     fail_status: int = 503
     api_key: str | None = None
@@ -120,6 +128,7 @@ class EmulatorState:
             "batch_reads": self.batch_reads,
             "call_bytes": self.call_bytes,
             "call_times": self.call_times,
+            "max_in_flight": self.max_in_flight,
         }
 
     def reset(self) -> None:
@@ -136,6 +145,9 @@ class EmulatorState:
         self.batch_fail_next = 0
         self.faults = []
         self.latency_ms = 0.0
+        self.capacity = 0
+        self.indent = False
+        self.max_in_flight = self.in_flight
         self.fail_rate = 0.0
         self.fail_status = 503
         self.api_key = None
@@ -144,6 +156,10 @@ class EmulatorState:
     def configure(self, body: dict[str, Any]) -> None:
         if "latency_ms" in body:
             self.latency_ms = float(body["latency_ms"])
+        if "capacity" in body:
+            self.capacity = int(body["capacity"])
+        if "indent" in body:
+            self.indent = bool(body["indent"])
         if "fail_rate" in body:
             self.fail_rate = float(body["fail_rate"])
         if "fail_status" in body:
@@ -279,7 +295,7 @@ class Emulator:
             if not isinstance(requests, list) or not requests:
                 raise ApiError(400, "requests must be a non-empty list")
             if self.state.latency_ms:
-                await asyncio.sleep(self.state.latency_ms / 1000)
+                await self._wait()
             fault = self.state.next_fault()
             if fault is not None:
                 raise _fault_error(fault)
@@ -294,7 +310,27 @@ class Emulator:
             return 400, _error_body(ApiError(400, f"invalid JSON payload: {exc}"))
         if match.group("method") == "embedContent":
             payload = {"embedding": payload["embeddings"][0]}
-        return 200, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+        indent = orjson.OPT_INDENT_2 if self.state.indent else 0
+        return 200, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY | indent)
+
+    async def _wait(self) -> None:
+        """The call's latency: ``latency_ms``, stretched in proportion to the calls in flight past ``capacity``
+        (re-read as they come and go, so a call shares the upstream with every call that overlaps it)."""
+        state = self.state
+        latency = state.latency_ms / 1000  # this call's, however the setting changes meanwhile
+        state.in_flight += 1
+        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            done, last = 0.0, time.monotonic()
+            while done < 1.0:  # the fraction of its work done
+                share = 1.0 if not state.capacity else min(1.0, state.capacity / state.in_flight)
+                left = (1.0 - done) / share * latency
+                await asyncio.sleep(min(left, 0.005) if state.capacity else left)
+                now = time.monotonic()
+                done += (now - last) * share / latency
+                last = now
+        finally:
+            state.in_flight -= 1
 
     def _check_key(self, headers: dict[str, str]) -> None:
         key = headers.get("x-goog-api-key")

@@ -2,9 +2,9 @@
 
 - ``RateLimiter``: client-side requests-, tokens- and dollars-per-window budgets over exact sliding windows, and
   the API's cool-downs, for one process (``redis_quota.FleetLimiter`` shares the same budget across a fleet).
-- ``AdaptiveConcurrency``: additive-increase / multiplicative-decrease of concurrent upstream calls;
-  each 429 halves the limit, each success grows it back by about one per round of calls (``admission.py`` waits
-  for a slot under it, in lane order).
+- ``AdaptiveConcurrency``: how many upstream calls may run at once, found from their latency (after Netflix's
+  Gradient2): it grows while latency stays flat, settles where it starts to rise, and halves on a 429
+  (``admission.py`` waits for a slot under it, in lane order).
 - ``CircuitBreaker``: after ``threshold`` consecutive failed calls it *opens* (the worker pauses
   consuming, so the queue keeps the work instead of draining it into errors); after ``cooldown``
   it lets traffic through again, and a success closes it while a failure reopens it for twice as long.
@@ -179,21 +179,65 @@ class RateLimiter:
 
 
 class AdaptiveConcurrency:
-    """How many upstream calls may run at once (``admission.Admission`` keeps to it): MAX_CONCURRENT_BATCHES,
-    halved by each 429 and grown back by about one per round of successful calls."""
+    """How many upstream calls may run at once (``admission.Admission`` keeps to it), found from measured latency.
 
-    def __init__(self, max_limit: int):
+    After Netflix concurrency-limits' Gradient2 (``Gradient2Limit._update``): each successful call's latency is a
+    sample; the long-term latency is its exponential average over ``long_window`` samples (a plain mean over the
+    first 10), the short-term one the sample itself. ``gradient = clamp(long / short, 0.5, 1)``: 1 while latency
+    stays flat, below 1 as calls start to queue upstream (or in this process). The limit moves towards
+    ``limit x gradient + queue_size``, by ``smoothing`` of the way per sample, so it grows by about
+    ``smoothing x queue_size`` per call while latency is flat and settles where queueing begins (the knee). As in
+    Gradient2, it does not grow while fewer than half of its calls are in flight (nothing to learn, the load is
+    too light), and a long average far above the short one (a past overload) decays faster.
+    Beside latency, a 429 or a 503 (the API saying slow down) halves the limit at once, as AIMD and Vegas do.
+    ``max_limit`` is MAX_CONCURRENT_BATCHES, a ceiling; the RPM/TPM/spend budgets still bound the calls."""
+
+    def __init__(
+        self,
+        max_limit: int,
+        *,
+        initial: int = 4,
+        min_limit: int = 1,
+        smoothing: float = 0.2,
+        queue_size: float = 4.0,
+        long_window: int = 600,
+    ):
         self.max_limit = max_limit
-        self.limit = float(max_limit)
+        self.min_limit = min(min_limit, max_limit)
+        self.limit = float(max(self.min_limit, min(initial, max_limit)))
+        self.long_rtt = 0.0  # seconds; 0 until the first sample
+        self._samples = 0
+        self._smoothing = smoothing
+        self._queue_size = queue_size
+        self._long_window = long_window
 
     def on_rate_limited(self) -> None:
-        before = self.limit
-        self.limit = max(1.0, self.limit / 2)
-        if int(before) != int(self.limit):
-            log.warning("rate limited: upstream concurrency lowered to %d", int(self.limit))
+        before = int(self.limit)
+        self._set(self.limit / 2)
+        if before != int(self.limit):
+            log.warning("the API asks to slow down: upstream concurrency lowered to %d", int(self.limit))
 
-    def on_success(self) -> None:
-        self.limit = min(float(self.max_limit), self.limit + 1.0 / self.limit)
+    def on_success(self, rtt: float | None = None, in_flight: int | None = None) -> None:
+        """A call succeeded after ``rtt`` seconds, with ``in_flight`` calls running (itself included) when it
+        started. Without a measurement (a test, a cached answer), nothing is learnt."""
+        if rtt is None or rtt <= 0:
+            return
+        self._samples += 1
+        warmup = 10
+        if self._samples <= warmup:
+            self.long_rtt += (rtt - self.long_rtt) / self._samples
+        else:
+            self.long_rtt += (rtt - self.long_rtt) * 2 / (self._long_window + 1)
+        if self.long_rtt / rtt > 2:  # latency is back to normal after an overload: let the baseline follow
+            self.long_rtt *= 0.9
+        if in_flight is not None and in_flight < self.limit / 2:
+            return  # app-limited: the load, not the upstream, keeps calls few
+        gradient = max(0.5, min(1.0, self.long_rtt / rtt))
+        target = self.limit * gradient + self._queue_size
+        self._set(self.limit * (1 - self._smoothing) + target * self._smoothing)
+
+    def _set(self, limit: float) -> None:
+        self.limit = max(float(self.min_limit), min(float(self.max_limit), limit))
 
 
 class CircuitBreaker:

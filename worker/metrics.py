@@ -79,6 +79,11 @@ class Metrics:
         self.upstream_errors = Counter(
             "embed_upstream_errors", "Failed upstream calls, by HTTP status", ["status"], registry=r
         )
+        self.concurrency_limit = Gauge(
+            "embed_upstream_concurrency_limit",
+            "Upstream calls allowed at once now: the adaptive limit, at most MAX_CONCURRENT_BATCHES",
+            registry=r,
+        )
         self.retries = Counter("embed_upstream_retries", "Upstream calls retried after a transient error", registry=r)
         self.inflight = Gauge("embed_inflight_messages", "Deliveries held and not yet settled", registry=r)
         self.held_bytes = Gauge(

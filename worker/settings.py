@@ -18,6 +18,8 @@ from worker.topology import QUORUM_MAX_PREFETCH
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PREFETCH_MAX = 2000  # the derived prefetch window's most (Settings._wanted_prefetch says why)
+
 # Reply queues a caller may name by default: RabbitMQ Direct Reply-to pseudo-queues and server-named
 # (exclusive, auto-delete) queues. Anything else must match REPLY_TO_PATTERN. This keeps replies out of named
 # application queues; it cannot tell one caller's amq.gen-* queue (or Direct Reply-to name) from another's,
@@ -82,7 +84,9 @@ class Settings(BaseSettings):
     # --- batching ---
     batch_max_size: int = Field(default=limits.MAX_TEXTS_PER_CALL, ge=1, le=limits.MAX_TEXTS_PER_CALL)
     batch_max_wait_ms: float = Field(default=50.0, ge=0)
-    max_concurrent_batches: int = Field(default=4, ge=1)
+    # The ceiling of the adaptive limit (flow.AdaptiveConcurrency starts at 4 and finds its own level under it): a
+    # 100-text call takes 200-600 ms against Gemini, and Tier 1's 3,000 RPM needs 10-30 calls in flight to be used.
+    max_concurrent_batches: int = Field(default=32, ge=1)
 
     # --- lanes: embed.requests (the default lane, queries) and embed.requests.bulk (ingestion) ---
     # Bulk's prefetch (unset = the same rule as PREFETCH_COUNT) and how long its batches wait to fill; its calls
@@ -294,8 +298,12 @@ class Settings(BaseSettings):
         in flight (``size x concurrency``) and the next round forming behind them (as much again), plus
         one batch of slack: ``size x (2 x concurrency + 1)``. Measured with the upstream-bound benchmark
         (300 ms upstream): mean batch 96 texts at size x (concurrency + 1), 100 at this window.
+        Concurrency is the adaptive limit's ceiling, and the window is at most ``DEFAULT_PREFETCH_MAX``: by
+        Little's law one process draining ~3,000 requests/s (its CPU's pace at small vectors) against a 600 ms
+        upstream holds ~1,800, and a larger window only takes work that other workers of the fleet could do.
         """
-        return self.prefetch_count or self.batch_max_size * (2 * self.max_concurrent_batches + 1)
+        wanted = self.batch_max_size * (2 * self.max_concurrent_batches + 1)
+        return self.prefetch_count or min(wanted, DEFAULT_PREFETCH_MAX)
 
     @property
     def effective_prefetch(self) -> int:
@@ -321,7 +329,7 @@ class Settings(BaseSettings):
                 "single-text requests can never fill, and every batch will wait BATCH_MAX_WAIT_MS"
             ]
         needed = self.batch_max_size * self.max_concurrent_batches
-        if prefetch < needed:
+        if self.prefetch_count and prefetch < needed:  # the derived window is capped on purpose (above)
             return [
                 f"PREFETCH_COUNT={prefetch} is below BATCH_MAX_SIZE x MAX_CONCURRENT_BATCHES={needed}: "
                 "not every concurrent batch can fill"

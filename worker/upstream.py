@@ -63,7 +63,10 @@ class UpstreamCaller:
         self._policy = policy
         self._sleep = sleep
         self._rate = rate_limiter or RateLimiter()
-        self._concurrency = concurrency or AdaptiveConcurrency(2**31 - 1)
+        unlimited = 2**31 - 1
+        self._concurrency = concurrency or AdaptiveConcurrency(unlimited, initial=unlimited)
+        self._in_flight = 0  # calls on the wire now (the limit learns only from calls made under load)
+        self._shown_limit = -1
         self.admission = Admission(
             lambda: int(self._concurrency.limit),
             self._rate,
@@ -94,7 +97,7 @@ class UpstreamCaller:
                 return [exc] * len(texts)
             except RateLimited as exc:
                 self.metrics.upstream_errors.labels("429").inc()
-                self._concurrency.on_rate_limited()
+                self._slow_down()
                 self._failed()
                 if exc.retry_after:
                     await self._rate.cool_down(exc.retry_after)  # shared: with a fleet limit, every worker waits
@@ -103,13 +106,14 @@ class UpstreamCaller:
                 await self._backoff(attempt, exc)
             except UpstreamError as exc:
                 self.metrics.upstream_errors.labels(str(exc.status or "none")).inc()
+                if exc.status == 503:  # UNAVAILABLE, "the model is overloaded": as much a request to slow down
+                    self._slow_down()
                 if exc.retry_now:
                     self._failed()
                 if not exc.retry_now or attempt >= self._policy.max_attempts:
                     return [exc] * len(texts)
                 await self._backoff(attempt, exc)
             else:
-                self._concurrency.on_success()
                 if self.breaker is not None:
                     self.breaker.success()
                 return list(vectors)
@@ -133,11 +137,29 @@ class UpstreamCaller:
             self.metrics.ratelimit_wait.labels(lane).inc(seconds)
 
     async def _timed(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray | list[JsonVector]:
+        """The API call, timed: its latency is what the adaptive limit learns from."""
+        self._in_flight += 1
+        in_flight = self._in_flight
         started = time.perf_counter()
         try:
-            return await self._embedder.call(texts, config)
+            vectors = await self._embedder.call(texts, config)
         finally:
-            self.metrics.upstream_latency.observe(time.perf_counter() - started)
+            self._in_flight -= 1
+            elapsed = time.perf_counter() - started
+            self.metrics.upstream_latency.observe(elapsed)
+        self._concurrency.on_success(elapsed, in_flight)
+        self._show_limit()
+        return vectors
+
+    def _slow_down(self) -> None:
+        self._concurrency.on_rate_limited()
+        self._show_limit()
+
+    def _show_limit(self) -> None:
+        limit = int(self._concurrency.limit)
+        if limit != self._shown_limit:
+            self._shown_limit = limit
+            self.metrics.concurrency_limit.set(limit)
 
     def _failed(self) -> None:
         if self.breaker is not None:

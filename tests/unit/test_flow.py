@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +16,7 @@ from worker.lanes import Lane
 
 
 async def test_adaptive_concurrency_halves_on_429_and_bounds_inflight() -> None:
-    limit = AdaptiveConcurrency(8)
+    limit = AdaptiveConcurrency(8, initial=8)
     limit.on_rate_limited()
     limit.on_rate_limited()
     assert int(limit.limit) == 2
@@ -36,8 +37,55 @@ async def test_adaptive_concurrency_halves_on_429_and_bounds_inflight() -> None:
     release.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 1)
     for _ in range(100):
-        limit.on_success()
-    assert limit.limit == 8  # recovers, never past the configured maximum
+        limit.on_success(0.1, in_flight=int(limit.limit))
+    assert limit.limit == 8  # recovers while latency stays flat, never past the configured maximum
+
+
+def _closed_loop(limit: AdaptiveConcurrency, latency: Callable[[int], float], calls: int) -> list[int]:
+    """Calls made back to back at the limit (as a busy worker makes them): each sees the latency of as many in
+    flight as the limit allows. The limit after each call."""
+    seen = []
+    for _ in range(calls):
+        in_flight = int(limit.limit)
+        limit.on_success(latency(in_flight), in_flight)
+        seen.append(int(limit.limit))
+    return seen
+
+
+def test_with_flat_latency_the_limit_grows_to_its_ceiling() -> None:
+    limit = AdaptiveConcurrency(32)
+    assert int(limit.limit) == 4  # starts modest: a paid API is not probed at the ceiling
+    seen = _closed_loop(limit, lambda _: 0.2, 100)
+    assert seen[-1] == 32
+    assert seen.index(32) < 60  # grows by about smoothing x queue_size (0.8) a call
+
+
+def test_with_latency_that_rises_past_a_knee_the_limit_stays_near_it() -> None:
+    """An upstream that serves 6 calls at once at full speed and shares itself past that (processor sharing):
+    past the knee more calls only queue. The limit must stop well short of the ceiling, above the knee."""
+    knee, base = 6, 0.1
+    limit = AdaptiveConcurrency(64)
+    seen = _closed_loop(limit, lambda c: base * max(1.0, c / knee), 300)
+    settled = seen[100:]
+    assert knee <= min(settled) and max(settled) <= 3 * knee, (min(settled), max(settled))
+    assert max(seen) < 64
+
+
+def test_a_light_load_teaches_the_limit_nothing() -> None:
+    limit = AdaptiveConcurrency(32, initial=8)
+    for _ in range(200):
+        limit.on_success(0.1, in_flight=2)  # under half the limit in flight: the load keeps calls few
+    assert limit.limit == 8
+
+
+def test_when_the_upstream_saturates_the_limit_comes_down_and_recovers_after() -> None:
+    limit = AdaptiveConcurrency(32)
+    assert _closed_loop(limit, lambda _: 0.1, 100)[-1] == 32  # flat: up to the ceiling
+    seen = _closed_loop(limit, lambda c: 0.1 * max(1.0, c / 4), 200)  # now it serves 4 at once at full speed
+    low = min(seen)
+    assert low <= 12, seen
+    seen = _closed_loop(limit, lambda _: 0.1, 300)  # the saturation ends: flat again at any concurrency
+    assert seen[-1] == 32
 
 
 async def test_unlimited_rate_limiter_never_waits() -> None:

@@ -215,11 +215,13 @@ def test_prefetch_stays_under_the_quorum_cap_and_says_so() -> None:
 
     base = {"embed_backend": "emulator", "batch_max_size": 100}
     default = Settings(_env_file=None, **base)  # type: ignore[call-arg]
-    assert default.effective_prefetch == 900 and default.prefetch_warnings() == []
-    wide = Settings(_env_file=None, max_concurrent_batches=12, **base)  # type: ignore[call-arg]
+    assert default.effective_prefetch == 2000 and default.prefetch_warnings() == []  # 100 x 65, capped, silently
+    narrow = Settings(_env_file=None, max_concurrent_batches=4, **base)  # type: ignore[call-arg]
+    assert narrow.effective_prefetch == 900 and narrow.prefetch_warnings() == []
+    wide = Settings(_env_file=None, prefetch_count=2500, **base)  # type: ignore[call-arg]
     assert wide.effective_prefetch == 2000 and "above the 2000" in wide.prefetch_warnings()[0]
-    classic = Settings(_env_file=None, max_concurrent_batches=12, queue_type="classic", **base)  # type: ignore[call-arg]
-    assert classic.effective_prefetch == 2500 and classic.prefetch_warnings() == []
+    classic = Settings(_env_file=None, prefetch_count=2500, queue_type="classic", **base)  # type: ignore[call-arg]
+    assert classic.effective_prefetch == 2500 and "below BATCH_MAX_SIZE x" in classic.prefetch_warnings()[0]
 
 
 # ---------------------------------------------------------------- compressed bodies (content_encoding)
