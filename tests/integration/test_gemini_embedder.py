@@ -106,3 +106,16 @@ async def test_connection_refused_is_transient() -> None:
         await emb.call(["a"], EmbedConfig("gemini-embedding-001"))
     assert info.value.retry_now
     await emb.aclose()
+
+
+async def test_an_indented_response_as_the_real_api_writes_it_is_spliced_too(
+    embedder: GeminiEmbedder, emulator_state: EmulatorState
+) -> None:
+    emulator_state.configure({"indent": True})
+    texts = ["first", "second", "third"]
+    config = EmbedConfig("gemini-embedding-001")
+    got = await embedder.call(texts, config)
+    assert isinstance(got, list) == embedder.fast_path
+    for text, vec in zip(texts, stack(got), strict=True):
+        want = expected_vector(text, model=config.model, task_type=None, dims=None, full_dims=3072)
+        np.testing.assert_allclose(vec, want, atol=1e-6)  # want is renormalised: the last bit may differ
