@@ -1,8 +1,16 @@
 """Composition root: build every part from one ``Settings`` and run the worker until told to stop.
 
-The only module that knows every other one. Start order: the embedder, the broker connection and topology, the
-RPC lanes (a consumer each), the deferred lane, then the health endpoints; on SIGTERM, ``_drain`` stops them in
+The only module that knows every other one. Start order: the embedder (without google-genai: its fast path
+imports the SDK on a thread after its first call, gemini.py; the import was most of the CPU of starting); the
+health endpoints, bound before the broker connection is made (a port in use fails the start before any delivery
+is taken); then at once the topology and the reply connection; then the RPC lanes (a consumer each). Deliveries
+are taken from there on; only then, all at once, the deferred lane and the fleet limiter's announcement:
+nothing before consuming waits for Redis or the SDK.
+``ready`` (and the "ready:" line) still come once all of it has started. On SIGTERM, ``_drain`` stops them in
 the reverse order of the work's flow (stop taking, flush, answer, settle) within SHUTDOWN_GRACE_S.
+
+What a start needs is imported here; what only some settings need (Redis, the deferred lane, the Batch API, the
+bundled emulator) is imported where it is built.
 """
 
 from __future__ import annotations
@@ -10,28 +18,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pydantic import SecretStr
-
-from worker.admission import Admission
 from worker.amqp.connection import AmqpConfig, PlainConnector, connect, declare_topology
-from worker.amqp.deferred import AmqpDeferredQueue
 from worker.amqp.publish import Publisher
 from worker.amqp.replies import RpcReplies
 from worker.amqp.rpc import RpcConsumer
 from worker.amqp.settle import Settler
 from worker.budgets import BatchingConfig
 from worker.deferred import DeferredConfig
-from worker.deferred.jobs import JobRounds
-from worker.deferred.rounds import SyncRounds
-from worker.deferred.scheduler import DeferredLane
-from worker.embedders.gemini import GeminiEmbedder
-from worker.embedders.gemini_batch import GeminiBatchJobs
-from worker.emulator import EmulatorThread
 from worker.errors import ConfigurationError
 from worker.flow import AdaptiveConcurrency, CircuitBreaker, RateLimiter
 from worker.frugal import Frugal
@@ -39,17 +39,18 @@ from worker.holding import HeldBytes, tune_allocator
 from worker.lanes import Lane, LaneConfig
 from worker.messages import RequestLimits
 from worker.metrics import Metrics
-from worker.metrics import serve as serve_metrics
-from worker.ports import Limiter
-from worker.redis_cache import RedisVectorCache
-from worker.redis_quota import FleetLimiter
-from worker.redis_store import RedisVectorStore
 from worker.service import EmbedService
-from worker.settings import Settings
 from worker.upstream import RetryPolicy, UpstreamCaller
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustConnection
+
+    from worker.admission import Admission
+    from worker.embedders.gemini import GeminiEmbedder
+    from worker.ports import Limiter
+    from worker.redis_quota import FleetLimiter
+    from worker.redis_store import RedisVectorStore
+    from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -136,21 +137,42 @@ async def _start(
     held = HeldBytes(settings.max_held_bytes, largest=settings.max_body_bytes)
     embedder = _embedder(settings, stack)
     stack.push_async_callback(embedder.aclose)
+    consumers: list[RpcConsumer] = []
 
+    async def health() -> None:
+        """/healthz, /readyz and /metrics: bound before we connect, so that a port in use fails the start before
+        any delivery is taken (/readyz says 503 until the consumers run)."""
+        if settings.metrics_port is None:
+            return
+        from worker.metrics_server import serve as serve_metrics
+
+        try:
+            server = await serve_metrics(
+                metrics, lambda: _ready(consumers), settings.metrics_host, settings.metrics_port
+            )
+        except OSError as exc:
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise ConfigurationError(f"METRICS_PORT: cannot serve metrics on {where}: {exc.strerror or exc}") from exc
+        stack.push_async_callback(server.aclose)
+
+    # Bound first (a local bind: no wait): cancelling a robust connection's first attempt leaves it reconnecting.
+    await health()
     log.info("connecting to %s", settings.amqp_url_redacted)
-    connection = await connect(values.amqp)
+    connection = await connect(values.amqp)  # waits for a broker that is not up yet, logging each attempt
     stack.push_async_callback(_close_connection, connection)
-    # Replies (and parked copies) on a connection of their own, caller probes on a third (amqp/replies.py).
-    publish_connection = await connect(dataclasses.replace(values.amqp, connection_name="embed-worker-publish"))
-    stack.push_async_callback(_close_connection, publish_connection)
-    await declare_topology(connection, values.amqp)  # on a robust channel: declared again after a reconnect
-    publisher = await Publisher.open(publish_connection)
+
+    async def publishing() -> Publisher:
+        # Replies (and parked copies) on a connection of their own, caller probes on a third (amqp/replies.py).
+        publish_connection = await connect(dataclasses.replace(values.amqp, connection_name="embed-worker-publish"))
+        stack.push_async_callback(_close_connection, publish_connection)
+        return await Publisher.open(publish_connection)
+
+    # On a robust channel: the topology is declared again after a reconnect.
+    _, publisher = await _all(declare_topology(connection, values.amqp), publishing())
     settler = Settler(publisher, metrics)
     probe = PlainConnector(values.amqp, "embed-worker-probe") if settings.check_callers else None
     replies = RpcReplies(publisher, probe)
     stack.push_async_callback(replies.aclose)
-
-    consumers: list[RpcConsumer] = []
 
     def pause() -> None:
         for consumer in consumers:
@@ -161,11 +183,12 @@ async def _start(
             consumer.resume()
 
     breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s, on_open=pause, on_close=resume)
+    limiter, announce = _limiter(settings, stack, metrics)
     upstream = UpstreamCaller(
         embedder,
         values.retry,
         metrics=metrics,
-        rate_limiter=await _limiter(settings, stack, metrics),
+        rate_limiter=limiter,
         concurrency=AdaptiveConcurrency(settings.max_concurrent_batches),
         breaker=breaker,
         bulk_min_share=settings.bulk_min_share,
@@ -184,52 +207,64 @@ async def _start(
     )
     for warning in settings.prefetch_warnings():
         log.warning(warning)
-    for lane in values.lanes:
-        consumer = RpcConsumer(connection, lane, settler, service.handler(lane.lane), held.share(lane.reserve_bytes))
-        await consumer.start()
-        consumers.append(consumer)
+    consumers += [
+        RpcConsumer(connection, lane, settler, service.handler(lane.lane), held.share(lane.reserve_bytes))
+        for lane in values.lanes
+    ]
+    await _all(*(consumer.start() for consumer in consumers))
     metrics.inflight.set_function(lambda: sum(consumer.inflight for consumer in consumers))
     metrics.held_bytes.set_function(lambda: held.held)
     metrics.held_bytes_max.set_function(lambda: held.most)
     metrics.paused.set_function(lambda: int(any(consumer.paused for consumer in consumers)))
     metrics.ready.set_function(lambda: int(_ready(consumers)))
 
-    lane_task = await _start_lane(
-        settings,
-        values,
-        stack,
-        connection=connection,
-        settler=settler,
-        publisher=publisher,
-        replies=replies,
-        upstream=frugal,
-        admission=upstream.admission,
-        metrics=metrics,
-        embedder=embedder,
-        lane_stop=lane_stop,
-        held=held,
+    # Consuming: deliveries are taken from here on. Nothing above
+    # waited for Redis or the SDK; what is left starts all at once.
+    lane_task, *_ = await _all(
+        _start_lane(
+            settings,
+            values,
+            stack,
+            connection=connection,
+            settler=settler,
+            publisher=publisher,
+            replies=replies,
+            upstream=frugal,
+            admission=upstream.admission,
+            metrics=metrics,
+            embedder=embedder,
+            lane_stop=lane_stop,
+            held=held,
+        ),
+        announce(),
     )
-    if settings.metrics_port is not None:
-        try:
-            health = await serve_metrics(
-                metrics, lambda: _ready(consumers), settings.metrics_host, settings.metrics_port
-            )
-        except OSError as exc:
-            where = f"{settings.metrics_host}:{settings.metrics_port}"
-            raise ConfigurationError(f"METRICS_PORT: cannot serve metrics on {where}: {exc.strerror or exc}") from exc
-        stack.push_async_callback(health.aclose)
     return _Running(consumers, service, settler, lane_task)
 
 
+async def _all(*steps: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather``, except that the first failure cancels the other steps (and is the one raised)."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _ready(consumers: list[RpcConsumer]) -> bool:
-    """/readyz: every lane's consumer connected and consuming as it wants to."""
-    return all(consumer.ready for consumer in consumers)
+    """/readyz: every lane's consumer connected and consuming as it wants to (none yet while connecting)."""
+    return bool(consumers) and all(consumer.ready for consumer in consumers)
 
 
-async def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics) -> Limiter:
-    """The API budget: this process's own, or the fleet's through Redis."""
+def _limiter(
+    settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics
+) -> tuple[Limiter, Callable[[], Awaitable[None]]]:
+    """The API budget: this process's own, or the fleet's through Redis; and what to do once consuming (announce
+    this worker's budget to the fleet: the first call waits for it, the consumers do not)."""
     if settings.upstream_limit_scope == "process" or not settings.limited:
-        return RateLimiter(
+        limiter = RateLimiter(
             settings.upstream_rpm,
             settings.upstream_tpm,
             window=settings.upstream_window_s,
@@ -237,6 +272,9 @@ async def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics
             usd_window=settings.upstream_usd_window_s,
             on_error=metrics.ratelimit_errors.inc,
         )
+        return limiter, _nothing
+    from worker.redis_quota import FleetLimiter
+
     assert settings.redis_url is not None  # the settings validator says so
     fleet = FleetLimiter(
         settings.redis_url.get_secret_value(),
@@ -250,6 +288,14 @@ async def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics
         usd_window_s=settings.upstream_usd_window_s,
     )
     stack.push_async_callback(fleet.aclose)
+    return fleet, functools.partial(_announce, settings, fleet)
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _announce(settings: Settings, fleet: FleetLimiter) -> None:
     await fleet.announce()  # declares this worker's budget beside the log; warns if others differ; never raises
     log.info(
         "fleet rate limit: %g calls, %g tokens per %gs; $%g per %gs",
@@ -259,13 +305,14 @@ async def _limiter(settings: Settings, stack: contextlib.AsyncExitStack, metrics
         settings.upstream_usd_limit,
         settings.upstream_usd_window_s,
     )
-    return fleet
 
 
 def _frugal(settings: Settings, stack: contextlib.AsyncExitStack, upstream: UpstreamCaller, metrics: Metrics) -> Frugal:
     """Duplicate inputs of a call are always sent once; with CACHE_TTL_S, repeated inputs cost no call at all."""
     cache = None
     if settings.cache_ttl_s > 0:
+        from worker.redis_cache import RedisVectorCache
+
         assert settings.cache_redis is not None
         cache = RedisVectorCache(
             settings.cache_redis.get_secret_value(),
@@ -281,8 +328,15 @@ def _frugal(settings: Settings, stack: contextlib.AsyncExitStack, upstream: Upst
 
 
 def _embedder(settings: Settings, stack: contextlib.AsyncExitStack) -> GeminiEmbedder:
+    """Built at once: its fast path needs nothing of google-genai before its first error answer (gemini.py)."""
+    from worker.embedders.gemini import GeminiEmbedder
+
     api_key, base_url = settings.gemini_api_key, settings.gemini_base_url
     if settings.embed_backend == "emulator":
+        from pydantic import SecretStr
+
+        from worker.emulator import EmulatorThread
+
         emulator = EmulatorThread()
         base_url = emulator.start()
         stack.callback(emulator.stop)
@@ -317,6 +371,11 @@ async def _start_lane(
     """The deferred lane, when REDIS_URL turns it on."""
     if settings.redis_url is None or not settings.deferred_enabled:
         return None
+    from worker.amqp.deferred import AmqpDeferredQueue
+    from worker.deferred.rounds import SyncRounds
+    from worker.deferred.scheduler import DeferredLane
+    from worker.redis_store import RedisVectorStore
+
     config = values.deferred
     store = RedisVectorStore(
         settings.redis_url.get_secret_value(),
@@ -324,9 +383,8 @@ async def _start_lane(
         probe_key=f"{settings.redis_key_prefix}store-probe",
     )
     stack.push_async_callback(store.aclose)
-    await _warn_if_evicting(store)
     queue = AmqpDeferredQueue(connection, settler, publisher, held.share(values.ingest_reserve))
-    await queue.open()
+    await _all(_warn_if_evicting(store), queue.open())
     rounds = SyncRounds(
         store,
         upstream,
@@ -341,8 +399,13 @@ async def _start_lane(
     )
     jobs = None
     if config.batch_api:
+        from worker.deferred.jobs import JobRounds
+
+        client = embedder.client  # the SDK's client, built now: the Batch API path needs it (it imports the SDK)
+        from worker.embedders.gemini_batch import GeminiBatchJobs
+
         jobs = JobRounds(
-            GeminiBatchJobs(embedder.client),
+            GeminiBatchJobs(client),
             store,
             queue,
             skip_unchanged=config.skip_unchanged,

@@ -21,9 +21,6 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
-
 from worker import __version__, logs
 from worker.errors import ConfigurationError, StartupError
 
@@ -34,6 +31,9 @@ if TYPE_CHECKING:
 
 
 def _settings() -> Settings:
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
     from worker.settings import Settings
 
     try:
@@ -66,13 +66,11 @@ def _fail(message: str, code: int, exc: BaseException | None = None) -> NoReturn
 
 def _broker_url(args: argparse.Namespace) -> str:
     """--url, else AMQP_URL, else the local default, checked as Settings checks AMQP_URL. Client commands need no
-    full Settings (no Gemini key)."""
-    from worker.settings import Settings
-
+    full Settings (no Gemini key), nor pydantic: importing it would be a third of `embed`'s time."""
     source = "--url" if args.url else "AMQP_URL"
-    url = str(args.url or os.environ.get("AMQP_URL") or Settings.model_fields["amqp_url"].default.get_secret_value())
+    url = str(args.url or os.environ.get("AMQP_URL") or logs.DEFAULT_AMQP_URL)
     try:
-        Settings.check_amqp_url(url)
+        logs.check_amqp_url(url)
     except ValueError as exc:
         _fail(f"embed-worker: {source}: {exc}", ConfigurationError.exit_code)
     return url
@@ -90,19 +88,31 @@ def _positive_seconds(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from worker.app import run_worker
-
+    # No cyclic GC while starting: the imports make ~130,000 long-lived objects, which the collector would walk
+    # again and again for nothing (a collection then finds a few dozen cycles); measured, a fifth of the CPU of
+    # importing. ``_tune_gc`` freezes them and turns it on again once the worker is ready.
+    gc.disable()
     settings = _settings()  # validated once here, so a bad setting fails before any child starts
     logs.configure(settings.log_level, settings.log_format)
     if args.processes > 1:
         from worker.supervisor import Supervisor
 
+        gc.enable()
         supervisor = Supervisor(args.processes, grace_s=settings.shutdown_grace_s, metrics_port=settings.metrics_port)
         sys.exit(supervisor.run())
-    _tune_gc()
+    from worker.app import run_worker
+
+    async def serve() -> None:
+        ready = asyncio.Event()
+        tuning = asyncio.create_task(_tune_gc_when(ready))
+        try:
+            await run_worker(settings, ready=ready)
+        finally:
+            tuning.cancel()
+
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-            runner.run(run_worker(settings))
+            runner.run(serve())
     except StartupError as exc:
         _fail(f"embed-worker: {exc}", exc.exit_code, exc)
 
@@ -119,14 +129,20 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     return uvloop.new_event_loop
 
 
+async def _tune_gc_when(ready: asyncio.Event) -> None:
+    await ready.wait()  # everything imported, the SDK included (it is imported on a thread while we connect)
+    _tune_gc()
+
+
 def _tune_gc() -> None:
     """Measured (README, Performance): the cyclic GC cost 67 µs per request at full load, a sixth of the worker's
     CPU, mostly re-walking the long-lived objects of the libraries we import. Freezing those (they live as long as
     the process) and collecting the youngest generation less often took it to 7 µs. Garbage is still collected:
-    reference counting frees almost everything, and the batcher breaks its own cycles."""
-    gc.collect()
+    reference counting frees almost everything, and the batcher breaks its own cycles. No ``gc.collect()`` first:
+    after start-up it found a few dozen objects and cost 50-100 ms, just when the first requests are in hand."""
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+    gc.enable()
 
 
 def _emulator(args: argparse.Namespace) -> None:

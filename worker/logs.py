@@ -49,6 +49,37 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"  # AMQP_URL's default, for ``run`` and the client commands
+
+
+def check_amqp_url(value: str) -> None:
+    """Raise ValueError unless ``value`` is one or more comma-separated amqp:// or amqps:// URLs, each with a
+    valid port or none. The message never holds a password. Here, beside ``redact_url``, rather than in
+    ``worker.settings``: the client commands check their broker URL without importing pydantic (~0.2 s)."""
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("is empty")
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # an unclosed "[" of an IPv6 address
+            raise ValueError(f"not a URL: {exc}") from None
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ValueError("must start with amqp:// or amqps:// (several, for a cluster's nodes: comma-separated)")
+        try:
+            port = parts.port  # urllib raises for a port that is not a number from 0 to 65535
+        except ValueError:
+            port = -1
+        if port is None or 0 < port <= 65535:
+            continue
+        # Not redact_url: it reads the port, so it raises on this very URL (and drops a port 0).
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        shown = url.replace(parts.netloc, f"{user}:***@{hostport}", 1) if colon else url
+        given = hostport.rpartition("]")[2].partition(":")[2]
+        raise ValueError(f"port {given!r} in {shown} is not a number from 1 to 65535")
+
+
 def context(correlation_id: str | None) -> dict[str, str | None]:
     """The structured fields of a request's log lines (JSON logs show them as fields)."""
     return {"correlation_id": None if correlation_id is None else safe(correlation_id)}

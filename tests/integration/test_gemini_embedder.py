@@ -119,3 +119,22 @@ async def test_an_indented_response_as_the_real_api_writes_it_is_spliced_too(
     for text, vec in zip(texts, stack(got), strict=True):
         want = expected_vector(text, model=config.model, task_type=None, dims=None, full_dims=3072)
         np.testing.assert_allclose(vec, want, atol=1e-6)  # want is renormalised: the last bit may differ
+
+
+async def test_the_fast_path_answers_without_the_sdk(emulator: EmulatorThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No call waits for google-genai (its import is most of a start): with the SDK unimportable, calls still work;
+    the SDK is loaded for the first error answer, or for the public path."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "google.genai" or m.startswith("google.genai.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    embedder = GeminiEmbedder(api_key=SecretStr("k"), base_url=emulator.base_url)
+    try:
+        for config in (EmbedConfig("gemini-embedding-001"), EmbedConfig("gemini-embedding-001", None, 256)):
+            vectors = stack(await embedder.call(["without the sdk"], config))
+            want = expected_vector(
+                "without the sdk", model=config.model, task_type=None, dims=config.output_dimensionality, full_dims=3072
+            )
+            np.testing.assert_allclose(vectors[0], want, atol=1e-6)
+    finally:
+        await embedder.aclose()

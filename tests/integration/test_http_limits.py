@@ -22,7 +22,8 @@ from worker.bench.naive import sdk_client
 from worker.embedders.gemini import GeminiEmbedder
 from worker.emulator import EmulatorThread
 from worker.messages import EmbedConfig
-from worker.metrics import Metrics, MetricsServer, serve
+from worker.metrics import Metrics
+from worker.metrics_server import MetricsServer, serve
 
 IDLE_S = 0.5  # the metrics server's head and idle timeouts in these tests (production: 5 s)
 LONG_S = 30.0  # a timeout that does not run out during a test

@@ -12,7 +12,8 @@ import httpx
 import pytest
 import uvloop
 
-from worker.metrics import MAX_CONNECTIONS, Metrics, MetricsServer, serve
+from worker.metrics import Metrics
+from worker.metrics_server import MAX_CONNECTIONS, MetricsServer, serve
 
 LONG_S = 30.0  # the server's head and idle timeouts here: held connections stay open for the whole test
 WAIT_S = 5.0  # for any one answer

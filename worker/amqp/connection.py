@@ -255,17 +255,27 @@ async def declare_topology(connection: AbstractConnection, config: AmqpConfig) -
     A queue is declared with its full arguments only when it does not exist yet; an existing one is used as it
     is (a passive declare). RabbitMQ refuses a declare whose arguments differ from the queue's, so adding one
     (``x-quorum-initial-group-size`` came later than the first workers) must not break a rolling upgrade; to change
-    the arguments of an existing queue, use a policy or recreate it."""
+    the arguments of an existing queue, use a policy or recreate it.
+
+    The six existence probes (three round trips each, on channels of their own) run at once, beside the two
+    exchange declarations; what remains runs in turn on the one channel (a channel answers one call at a time),
+    so that the robust channel declares it all again after a reconnect."""
     channel = await connection.channel()
-    exchange = await channel.declare_exchange(topology.EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
-    dlx = await channel.declare_exchange(topology.DLX, aio_pika.ExchangeType.DIRECT, durable=True)
+    names = [queue for name, _, dlq in WORK_QUEUES for queue in (dlq, name)]
+    probes = asyncio.gather(*(_exists(connection, name) for name in names))
+    exchange, dlx, found = await asyncio.gather(
+        channel.declare_exchange(topology.EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True),
+        channel.declare_exchange(topology.DLX, aio_pika.ExchangeType.DIRECT, durable=True),
+        probes,
+    )
+    exists = dict(zip(names, found, strict=True))
     queue_type = config.queue_type
     replicas = {"x-quorum-initial-group-size": config.quorum_group_size} if queue_type == "quorum" else {}
     for name, key, dlq in WORK_QUEUES:
-        dead = await _queue(connection, channel, dlq, {"x-queue-type": queue_type, **replicas})
+        dead = await _queue(channel, dlq, {"x-queue-type": queue_type, **replicas}, exists=exists[dlq])
         await dead.bind(dlx, routing_key=key)
         arguments = topology.queue_arguments(queue_type, config.delivery_limit, dead_letter_key=key)
-        queue = await _queue(connection, channel, name, {**arguments, **replicas})
+        queue = await _queue(channel, name, {**arguments, **replicas}, exists=exists[name])
         await queue.bind(exchange, routing_key=key)
     return channel
 
@@ -278,10 +288,8 @@ WORK_QUEUES = (
 )
 
 
-async def _queue(
-    connection: AbstractConnection, channel: AbstractChannel, name: str, arguments: dict[str, Any]
-) -> AbstractQueue:
-    if await _exists(connection, name):
+async def _queue(channel: AbstractChannel, name: str, arguments: dict[str, Any], *, exists: bool) -> AbstractQueue:
+    if exists:
         return await channel.declare_queue(name, passive=True)
     return await channel.declare_queue(name, durable=True, arguments=arguments)
 

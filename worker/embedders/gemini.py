@@ -9,8 +9,10 @@ retries, backoff and rate limiting live in ``worker.upstream``.
 Two call paths, same endpoint, same URL, headers and error type (the SDK's ``APIError``), and the same request:
 both send what ``embedders.request.build_request`` built (so does the Batch API path, ``gemini_batch.py``).
 - ``fast_path=True`` (default) posts the request's ``batchEmbedContents`` body (orjson) through our httpx
-  client to the URL the SDK would use, with the SDK's own headers (API key, client identification), reading
-  both from the SDK's client; a non-200 answer goes through the SDK's ``APIError.raise_for_async_response``.
+  client to the URL the SDK would use, with the SDK's own headers (API key, client identification), worked out
+  as the SDK does (``sdk_route``) and checked against its client once that is loaded: no call waits for
+  google-genai's import (~0.5 s of CPU, most of a start); a non-200 answer goes through the SDK's
+  ``APIError.raise_for_async_response`` (the first one imports the SDK).
   The response is read by ``embedders.response.read_embeddings``: at full size its vectors are cut out unparsed,
   below it they are parsed with orjson straight into one float32 array. Measured why: the public method's
   stdlib-json parse plus a pydantic object per vector costs ~180 ms per 100 vectors at 3,072 dimensions, its
@@ -23,17 +25,17 @@ both send what ``embedders.request.build_request`` built (so does the Batch API 
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import re
+import sys
+import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 import orjson
-from google import genai
-from google.genai import errors as genai_errors
-from google.genai import types
 from pydantic import SecretStr
 
 from worker import limits
@@ -43,6 +45,10 @@ from worker.errors import CredentialError, RateLimited, UpstreamError, UpstreamI
 from worker.inputs import EmbedInput
 from worker.messages import EmbedConfig
 from worker.vectors import FloatArray, JsonVector, normalise
+
+if TYPE_CHECKING:
+    from google import genai
+    from google.genai import errors as genai_errors
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +71,36 @@ class GeminiEmbedder:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
         )
-        options = types.HttpOptions(
-            base_url=base_url,
-            timeout=int(timeout_s * 1000),  # the SDK takes milliseconds
-            httpx_async_client=self._http,
-        )
-        self._client = genai.Client(api_key=api_key.get_secret_value(), http_options=options)
-        self.client = self._client  # shared with the Batch API path (embedders/gemini_batch.py)
-        self._route = _fast_route(self._client) if fast_path else None
+        self._api_key, self._base_url, self._timeout_s = api_key, base_url, timeout_s
+        self._client: genai.Client | None = None
+        self._building = threading.Lock()
+        # The fast path's route is worked out here, as the SDK would (``sdk_route``), so that the fast path needs
+        # no SDK until an error answer: importing google-genai costs ~0.5 s of CPU, most of a start, and on a
+        # thread it would still hold the GIL for that long (measured: calls a rate limit admitted went out late
+        # and bunched). Once the SDK is loaded (``client``), its own route replaces this one if they differ;
+        # tests/unit/test_sdk_route.py checks that they do not.
+        self._route = sdk_route(api_key, base_url) if fast_path else None
         self.fast_path = self._route is not None
+
+    @property
+    def client(self) -> genai.Client:
+        """The SDK's client (built on first use): the public method's path and the Batch API's (gemini_batch.py)."""
+        with self._building:
+            if self._client is None:
+                from google import genai
+                from google.genai import types
+
+                options = types.HttpOptions(
+                    base_url=self._base_url,
+                    timeout=int(self._timeout_s * 1000),  # the SDK takes milliseconds
+                    httpx_async_client=self._http,
+                )
+                self._client = genai.Client(api_key=self._api_key.get_secret_value(), http_options=options)
+                route = _fast_route(self._client)
+                if self._route is not None and route is not None and route != self._route:
+                    log.warning("the SDK's own route differs from the one worked out for it; using the SDK's")
+                    self._route = route
+            return self._client
 
     async def call(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray | list[JsonVector]:
         """One API call; raises ``UpstreamError`` (or a subclass). Full-size vectors come back as the API wrote
@@ -89,8 +116,6 @@ class GeminiEmbedder:
                     return vectors
             else:
                 vectors = await self._embed_public(request)
-        except genai_errors.APIError as exc:
-            raise map_api_error(exc) from None
         except httpx.TimeoutException as exc:
             raise UpstreamError(f"timed out: {type(exc).__name__}", retry_now=True) from None
         except httpx.TransportError as exc:
@@ -107,10 +132,15 @@ class GeminiEmbedder:
         return vectors
 
     async def _embed_public(self, request: EmbedRequest) -> FloatArray:
+        from google.genai import errors as genai_errors
+
         contents: list[Any] = request.sdk_contents()  # one Content per input (see embedders/request.py)
-        response = await self._client.aio.models.embed_content(
-            model=request.model, contents=contents, config=request.sdk_config()
-        )
+        try:
+            response = await self.client.aio.models.embed_content(
+                model=request.model, contents=contents, config=request.sdk_config()
+            )
+        except genai_errors.APIError as exc:
+            raise map_api_error(exc) from None
         return np.array([e.values for e in response.embeddings or []], dtype=np.float32)
 
     async def _embed_fast(
@@ -124,11 +154,43 @@ class GeminiEmbedder:
             f"{base}models/{request.model}:batchEmbedContents", content=body, headers=headers
         )
         if response.status_code != 200:
-            await genai_errors.APIError.raise_for_async_response(response)
+            await _raise_for(response)
         return read_embeddings(response.content, count, dimensions, splice=splice)
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+async def _raise_for(response: httpx.Response) -> None:
+    """A non-200 answer, raised as the SDK would raise it (its ``APIError``, the details it parses), then mapped to
+    our error kinds. The first one imports the SDK (once, ~0.5 s: the price of a start without it)."""
+    from google.genai import errors as genai_errors
+
+    try:
+        await genai_errors.APIError.raise_for_async_response(response)
+    except genai_errors.APIError as exc:
+        raise map_api_error(exc) from None
+    raise UpstreamError(f"Gemini API {response.status_code}: not an error the SDK knows", retry_now=False)
+
+
+def sdk_route(api_key: SecretStr, base_url: str | None) -> tuple[str, dict[str, str]]:
+    """The base URL (with the API version) and headers google-genai's client sends for an API key, worked out
+    without importing it (``_fast_route`` reads them off a client; the two are compared at run time and in
+    tests/unit/test_sdk_route.py): its default endpoint and API version, the key, and its client identification
+    (``_api_client._append_library_version_headers``)."""
+    label = f"google-genai-sdk/{importlib.metadata.version('google-genai')} gl-python/{sys.version.split()[0]}"
+    headers = {
+        "Content-Type": "application/json",
+        "x-goog-api-key": api_key.get_secret_value(),
+        "user-agent": label,
+        "x-goog-api-client": label,
+    }
+    base = (base_url or SDK_BASE_URL).rstrip("/")
+    return f"{base}/{SDK_API_VERSION}/", headers
+
+
+SDK_BASE_URL = "https://generativelanguage.googleapis.com/"  # google-genai's default for an API key
+SDK_API_VERSION = "v1"  # google-genai's default API version (3.x; checked against the installed SDK in tests)
 
 
 def _fast_route(client: genai.Client) -> tuple[str, dict[str, str]] | None:

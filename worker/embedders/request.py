@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from google.genai import types
+from typing import TYPE_CHECKING, Any
 
 from worker import inputs
 from worker.inputs import EmbedInput
 from worker.messages import EmbedConfig
+
+if TYPE_CHECKING:
+    from google.genai import types  # imported where used: google-genai costs ~0.5 s to import (gemini.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,8 @@ class EmbedRequest:
         return [_sdk_content(item) for item in self.inputs]
 
     def sdk_config(self) -> types.EmbedContentConfig:
+        from google.genai import types
+
         return types.EmbedContentConfig(task_type=self.task_type, output_dimensionality=self.output_dimensionality)
 
 
@@ -62,6 +65,8 @@ def build_request(config: EmbedConfig, items: Sequence[EmbedInput]) -> EmbedRequ
 
 
 def _sdk_content(item: EmbedInput) -> types.Content:
+    from google.genai import types
+
     if isinstance(item, str):
         return types.Content(parts=[types.Part(text=item)])
     parts = []
