@@ -5,7 +5,15 @@ size, one vector per text) with publisher confirms, awaits the confirms together
 with ONE basic.ack(multiple=True). No upstream call and no float work: against the per-message echo
 (``echo.py``) it shows what batching the acks and the confirm waits is worth; against the worker it is the
 ceiling for the broker side of a batching worker. Runs on uvloop when it is installed.
-Run: ``python -m worker.bench.batch_echo AMQP_URL PREFETCH``.
+
+Two variants, one code path (the bench runs both, alternated with the worker, issue 21):
+- ``batch-echo``, the issue's reference: aiormq's write queue widened to ``WRITE_QUEUE_FRAMES`` (1,000) frames, as
+  the worker widens its own (``worker.amqp.connection.widen_write_queue``);
+- ``batch-echo-aiormq``: aiormq's default write queue (``FRAME_BUFFER_SIZE``, 10 frames), where a batch's 100
+  publishes park on 10 slots: the reference the project's bench used before.
+
+Run: ``python -m worker.bench.batch_echo AMQP_URL PREFETCH [WRITE_QUEUE_FRAMES]`` (no third argument: aiormq's
+default).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import contextlib
 import sys
 
 import aio_pika
+import aiormq
 import numpy as np
 import orjson
 
@@ -23,6 +32,9 @@ from worker.topology import QUEUE
 
 BATCH = 100  # deliveries per batch, as the worker's BATCH_MAX_SIZE and the API's texts per call
 WAIT_S = 0.020  # how long the first delivery of a batch waits for company, as BATCH_MAX_WAIT_MS=20
+# The worker's worker.amqp.connection.WRITE_QUEUE_FRAMES, written out: importing the worker's AMQP layer would add
+# to this reference's start-up time (tests/bench checks the two agree).
+WRITE_QUEUE_FRAMES = 1000
 
 
 def _reply(model: str, dims: int, texts: int) -> bytes:
@@ -30,7 +42,9 @@ def _reply(model: str, dims: int, texts: int) -> bytes:
     return orjson.dumps({"embeddings": vectors, "model": model, "dimensions": dims}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-async def main(url: str, prefetch: int) -> None:
+async def main(url: str, prefetch: int, frames: int | None = None) -> None:
+    if frames is not None:  # before the connection is made: aiormq sizes its queue when it builds one
+        aiormq.Connection.FRAME_BUFFER_SIZE = frames
     connection = await aio_pika.connect(url)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=prefetch)
@@ -77,18 +91,19 @@ async def main(url: str, prefetch: int) -> None:
             await batch[-1].ack(multiple=True)
 
     await queue.consume(on_message)
-    print("ready: batch echo worker", flush=True)
+    print(f"ready: batch echo worker, write queue {aiormq.Connection.FRAME_BUFFER_SIZE} frames", flush=True)
     await batches()
 
 
 def _run() -> None:
+    args = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)
     try:
         import uvloop
     except ImportError:  # plain asyncio: slower, so say so in the output
         print("uvloop not installed: batch echo on the asyncio event loop", flush=True)
-        asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+        asyncio.run(main(*args))
     else:
-        uvloop.run(main(sys.argv[1], int(sys.argv[2])))
+        uvloop.run(main(*args))
 
 
 if __name__ == "__main__":
