@@ -14,12 +14,13 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import math
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from worker import __version__, logs
 from worker.errors import ConfigurationError, StartupError
@@ -30,28 +31,36 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 
+_S = TypeVar("_S")
+
+
 def _settings() -> Settings:
+    from worker.settings import Settings
+
+    return load_settings(Settings)
+
+
+def load_settings(build: Callable[[], _S], prog: str = "embed-worker") -> _S:
+    """Settings built by ``build``, or exit 2 with one line (a few for several problems) that says what is wrong;
+    the worker's and the gateway's (gateway/cli.py)."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from worker.settings import Settings
-
     try:
-        return Settings()
+        return build()
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            name = "_".join(str(p) for p in err["loc"]).upper() or "settings"
-            problems.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
+            name = "_".join(str(p) for p in err["loc"]).upper()  # none: a check across settings, which names them
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {message}" if name else message)
         if len(problems) == 1:  # the usual case: one line
-            _fail(f"embed-worker: invalid settings: {problems[0]}", ConfigurationError.exit_code)
-        _fail("\n  ".join(["embed-worker: invalid settings:", *problems]), ConfigurationError.exit_code)
+            _fail(f"{prog}: invalid settings: {problems[0]}", ConfigurationError.exit_code)
+        _fail("\n  ".join([f"{prog}: invalid settings:", *problems]), ConfigurationError.exit_code)
     except SettingsError as exc:  # e.g. ALLOWED_MODELS that is not JSON: pydantic-settings fails before validating
         field = str(exc).split('"')[1] if '"' in str(exc) else "settings"
         cause = f": {exc.__cause__}" if exc.__cause__ else ""
-        _fail(
-            f"embed-worker: invalid settings:\n  {field.upper()}: cannot be parsed{cause}", ConfigurationError.exit_code
-        )
+        _fail(f"{prog}: invalid settings:\n  {field.upper()}: cannot be parsed{cause}", ConfigurationError.exit_code)
 
 
 def _fail(message: str, code: int, exc: BaseException | None = None) -> NoReturn:
@@ -100,24 +109,27 @@ def _run(args: argparse.Namespace) -> None:
         gc.enable()
         supervisor = Supervisor(args.processes, grace_s=settings.shutdown_grace_s, metrics_port=settings.metrics_port)
         sys.exit(supervisor.run())
+    from worker import tracing
     from worker.app import run_worker
 
     async def serve() -> None:
+        tracing.configure("embed-worker")  # on only with OTEL_EXPORTER_OTLP_ENDPOINT; each child of --processes
         ready = asyncio.Event()
         tuning = asyncio.create_task(_tune_gc_when(ready))
         try:
             await run_worker(settings, ready=ready)
         finally:
             tuning.cancel()
+            tracing.shutdown()  # flushes the spans still batched
 
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
             runner.run(serve())
     except StartupError as exc:
         _fail(f"embed-worker: {exc}", exc.exit_code, exc)
 
 
-def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop unless EVENT_LOOP=asyncio (or uvloop is not installed, e.g. on Windows)."""
     if choice == "asyncio":
         return None
@@ -130,7 +142,7 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
 
 
 async def _tune_gc_when(ready: asyncio.Event) -> None:
-    await ready.wait()  # everything imported, the SDK included (it is imported on a thread while we connect)
+    await ready.wait()  # everything a start imports is imported
     _tune_gc()
 
 
@@ -254,6 +266,7 @@ def _bench(args: argparse.Namespace) -> None:
         prefetch=args.prefetch,
         repeat=args.repeat,
         worker_env=dict(item.split("=", 1) for item in args.set),
+        **({"knee_emulator_config": json.loads(args.emulator_config)} if args.emulator_config else {}),
     )
     bench_main(names, config, Path(args.out), plot=not args.no_plot)
 
@@ -301,13 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     flush.add_argument("--timeout", type=_positive_seconds, default=300.0, help="seconds to wait for an answer")
     flush.set_defaults(func=_flush)
 
+    from worker.gateway.cli import add_parser as add_gateway  # imports nothing heavy: `embed` stays fast
+
+    add_gateway(sub)
+
     bench = sub.add_parser("bench", help="run a benchmark scenario against RabbitMQ and the emulator")
     bench.add_argument("scenario", help="a scenario of worker/bench/scenarios.py (SCENARIOS), or all")
     bench.add_argument("--url", default=None, help="broker URL (default: AMQP_URL or the local broker)")
     bench.add_argument("--requests", type=int, default=20_000, help="requests per drain run")
-    bench.add_argument("--batch-size", type=int, default=100)
-    bench.add_argument("--max-wait-ms", type=float, default=50)
-    bench.add_argument("--concurrency", type=int, default=4)
+    bench.add_argument("--batch-size", type=int, default=None, help="worker BATCH_MAX_SIZE (default: its own)")
+    bench.add_argument("--max-wait-ms", type=float, default=None, help="worker BATCH_MAX_WAIT_MS (default: its own)")
+    bench.add_argument(
+        "--concurrency", type=int, default=None, help="worker MAX_CONCURRENT_BATCHES, the adaptive limit's ceiling"
+    )
+    bench.add_argument(
+        "--emulator-config",
+        default=None,
+        metavar="JSON",
+        help='adaptive: the rising-latency run\'s /_emulator/config body (default {"capacity": 4}, 200 ms a call)',
+    )
     bench.add_argument("--repeat", type=int, default=3, help="rounds of paired runs (ratios: median of rounds)")
     bench.add_argument("--prefetch", type=int, default=None, help="worker PREFETCH_COUNT (default: its own)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra worker setting")

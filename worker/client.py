@@ -33,6 +33,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
+from worker import tracing
 from worker.amqp import codec
 from worker.amqp.connection import CONNECT_ERRORS, connect_any, refusal
 from worker.errors import ConfigurationError
@@ -157,6 +158,11 @@ class EmbedClient:
             if not future.done():
                 future.set_exception(EmbedClientError("connection_lost", "the broker connection was lost", True))
 
+    @property
+    def connected(self) -> bool:
+        """Connected and listening for replies (not while the robust connection is reconnecting)."""
+        return self._listening.is_set() and self._connection is not None and not self._connection.is_closed
+
     async def close(self) -> None:
         for future in self._pending.values():
             future.cancel()
@@ -266,12 +272,14 @@ class EmbedClient:
             self._pending[cid] = future
             # No AMQP expiration: a request the broker expired would land in the DLQ, which is for work worth
             # replaying. The worker honours x-deadline instead: past it, it answers without an upstream call.
+            headers: dict[str, Any] = {DEADLINE_HEADER: int((time.time() + wait) * 1000)}
+            tracing.inject(headers)  # traceparent of the current span, if one is (W3C Trace Context)
             message = aio_pika.Message(
                 body,
                 content_type=JSON_CONTENT_TYPE,
                 correlation_id=cid,
                 reply_to=DIRECT_REPLY_TO,
-                headers={DEADLINE_HEADER: int((time.time() + wait) * 1000)},
+                headers=headers,
             )
             name = self._exchange_name if exchange is None else exchange
             where = f"exchange {name!r}" if name else "the default exchange"

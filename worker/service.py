@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from worker import tracing
 from worker.batcher import Batcher, BatcherClosed, BatchStats
 from worker.budgets import BatchingConfig, weigh
 from worker.errors import DeadlineExceeded, EmbedError, ErrorCode, InvalidRequest, OverBudget
@@ -109,6 +110,7 @@ class _Item:
     input: EmbedInput
     deadline: float | None  # epoch seconds (x-deadline)
     received: float  # monotonic: when its request was delivered
+    span: tracing.Captured = None  # its request's span, for the call span's links (None: tracing is off)
 
 
 class EmbedService:
@@ -221,9 +223,11 @@ class EmbedService:
             self.metrics.replies.labels(lane, "dropped", "caller_gone").inc()
             return ACK
 
+        span = tracing.capture()  # the request span of amqp/rpc.py, current here
         try:
             outcomes = await self.batchers[lane].submit(
-                request.config, [_Item(item, request.deadline, received) for item in request.inputs]
+                request.config,
+                [_Item(item, request.deadline, received, span) for item in request.inputs],
             )
         except BatcherClosed:
             return REQUEUE  # shutting down before this request's batch ran: let another worker take it
@@ -318,7 +322,8 @@ class EmbedService:
             deadlines = [d for i in live if (d := items[i].deadline) is not None]
             call = Call(lane, min(deadlines) if deadlines else None)
             try:
-                results = await self._upstream.embed([items[i].input for i in live], config, call)
+                with tracing.call_span((items[i].span for i in live), model=config.model, inputs=len(live)):
+                    results = await self._upstream.embed([items[i].input for i in live], config, call)
             except Unaffordable as exc:
                 until, refusal = time.time() + exc.wait, OverBudget(exc.wait)
                 waiting = []
@@ -334,6 +339,7 @@ class EmbedService:
                 queue_wait = self._queue_wait[lane]
                 for i in live:
                     queue_wait.observe(call.admitted_at - items[i].received)
+                    tracing.note_wait(items[i].span, call.admitted_at - items[i].received)
             for i, result in zip(live, results, strict=True):
                 outcomes[i] = result
             break

@@ -199,3 +199,48 @@ def test_every_rabbitmq_image_is_4x() -> None:
     images["k8s RabbitmqCluster"] = by_kind("RabbitmqCluster")["spec"]["image"]
     not_4x = {name: image for name, image in images.items() if not RABBITMQ_IMAGE.match(image)}
     assert not not_4x, f"not a RabbitMQ 4.x image: {not_4x}"
+
+
+def test_the_gateway_deployment_and_service_agree_with_the_gateway() -> None:
+    from worker.gateway.settings import GatewaySettings
+
+    docs = {
+        d["kind"]: d
+        for path in ("gateway-deployment.yaml", "gateway-service.yaml")
+        for d in yaml.safe_load_all((K8S / path).read_text())
+        if d
+    }
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+    deployment, service = docs["Deployment"], docs["Service"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["gateway"]
+    env = {e["name"]: e for e in container["env"]}
+    fields = {name.upper() for name in GatewaySettings.model_fields}
+    assert not set(env) - fields, f"settings the gateway does not read: {set(env) - fields}"
+    assert "secretKeyRef" in env["GATEWAY_API_KEYS"]["valueFrom"]  # a key is never a plain value in the manifest
+    assert env["AMQP_URL"]["valueFrom"]["secretKeyRef"]["name"] == by_kind("Secret")["metadata"]["name"]
+    port = int(env["GATEWAY_PORT"]["value"])
+    assert container["ports"][0]["containerPort"] == port
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["terminationGracePeriodSeconds"] > float(env["GATEWAY_REQUEST_TIMEOUT_S"]["value"])
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    values = {k.lower(): e["value"] for k, e in env.items() if "value" in e}
+    GatewaySettings(_env_file=None, gateway_api_keys="k", **values)  # type: ignore[call-arg,arg-type]  # it accepts them
+
+
+def test_compose_runs_the_gateway_after_a_healthy_broker() -> None:
+    from worker.gateway.settings import GatewaySettings
+
+    gateway = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["gateway"]
+    assert gateway["command"] == ["gateway"]
+    assert gateway["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    env = {}
+    for key, raw in gateway["environment"].items():
+        match = COMPOSE_DEFAULT.match(str(raw))
+        env[key] = match[2] if match else raw
+    assert not set(env) - {name.upper() for name in GatewaySettings.model_fields}
+    GatewaySettings(_env_file=None, **{k.lower(): v for k, v in env.items()})  # type: ignore[call-arg,arg-type]

@@ -25,7 +25,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
-from worker import topology
+from worker import topology, tracing
 from worker.amqp.delivery import AmqpDelivery
 from worker.amqp.publish import underlay
 from worker.amqp.seams import Delivered
@@ -119,7 +119,8 @@ class RpcConsumer:
         self._held.take(size)
         self._check()
         try:
-            await handle_delivery(message, self._handle, self._settler, self._dead_letter_key)
+            with tracing.request_span(message, self._queue):  # delivery to settle; a no-op while tracing is off
+                await handle_delivery(message, self._handle, self._settler, self._dead_letter_key)
         finally:
             self._held.give(size)
             left = self._unsettled.get(tag, 0) - 1  # a reconnect may have forgotten the tag

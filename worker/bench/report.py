@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from worker.bench import lanes
+from worker.bench import gateway, lanes
 from worker.bench.harness import Bench, BenchConfig
 from worker.bench.scenarios import SCENARIOS
 
@@ -37,6 +37,8 @@ async def run(names: list[str], config: BenchConfig, out_dir: Path, plot: bool =
 def table(name: str, result: dict[str, Any]) -> str:
     if "query_latency" in result:
         return lanes.table(name, result)
+    if "overhead_ms_per_request" in result:
+        return gateway.table(result)
     lines = [f"\n== {name}"]
     if "rows" in result:
         lines.append(f"{'rate/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>7} {'fill':>6}")

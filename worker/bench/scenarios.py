@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.bench import stats
+from worker.bench.gateway import scenario_gateway
 from worker.bench.harness import BATCH_ECHOES, FULL, SMALLEST, Bench, BenchConfig, RunSpec, Scenario, rounds
 from worker.bench.lanes import scenario_lanes
 from worker.bench.quota import scenario_frugality, scenario_image_flood, scenario_images
@@ -285,4 +286,5 @@ SCENARIOS: dict[str, Scenario] = {
     "images": scenario_images,
     "image-flood": scenario_image_flood,
     "lanes": scenario_lanes,
+    "gateway": scenario_gateway,
 }

@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 from pydantic import SecretStr
 
-from worker import limits
+from worker import limits, tracing
 from worker.embedders.request import EmbedRequest, build_request
 from worker.embedders.response import read_embeddings
 from worker.errors import CredentialError, RateLimited, UpstreamError, UpstreamInvalidInput
@@ -150,9 +150,10 @@ class GeminiEmbedder:
         assert self._route is not None
         base, headers = self._route
         body = orjson.dumps({"requests": request.rest_requests()})
-        response = await self._http.post(
-            f"{base}models/{request.model}:batchEmbedContents", content=body, headers=headers
-        )
+        url = f"{base}models/{request.model}:batchEmbedContents"
+        with tracing.client_span("POST", url) as span:  # a child of the call span; a no-op while off
+            response = await self._http.post(url, content=body, headers=headers)
+            span.set_status_code(response.status_code)
         if response.status_code != 200:
             await _raise_for(response)
         return read_embeddings(response.content, count, dimensions, splice=splice)
