@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker import limits
+from worker import limits, logs
 from worker.logs import redact_url
 from worker.topology import QUORUM_MAX_PREFETCH
 
@@ -154,10 +154,7 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
-        level = value.upper()
-        if level not in logging.getLevelNamesMapping():
-            raise ValueError(f"unknown log level {value!r}")
-        return level
+        return known_level(value)
 
     @field_validator("gemini_model")
     @classmethod
@@ -200,32 +197,8 @@ class Settings(BaseSettings):
     @staticmethod
     def check_amqp_url(value: str) -> None:
         """Raise ValueError unless ``value`` is one or more comma-separated amqp:// or amqps:// URLs, each with a
-        valid port or none. The message never holds a password. The client commands call this too: they take a
-        broker URL without building Settings."""
-        urls = [u.strip() for u in value.split(",") if u.strip()]
-        if not urls:
-            raise ValueError("is empty")
-        for url in urls:
-            try:
-                parts = urlsplit(url)
-            except ValueError as exc:  # an unclosed "[" of an IPv6 address
-                raise ValueError(f"not a URL: {exc}") from None
-            if parts.scheme not in ("amqp", "amqps"):
-                raise ValueError(
-                    "must start with amqp:// or amqps:// (several, for a cluster's nodes: comma-separated)"
-                )
-            try:
-                port = parts.port  # urllib raises for a port that is not a number from 0 to 65535
-            except ValueError:
-                port = -1
-            if port is None or 0 < port <= 65535:
-                continue
-            # Not redact_url: it reads the port, so it raises on this very URL (and drops a port 0).
-            userinfo, _, hostport = parts.netloc.rpartition("@")
-            user, colon, _ = userinfo.partition(":")
-            shown = url.replace(parts.netloc, f"{user}:***@{hostport}", 1) if colon else url
-            given = hostport.rpartition("]")[2].partition(":")[2]
-            raise ValueError(f"port {given!r} in {shown} is not a number from 1 to 65535")
+        valid port or none (``logs.check_amqp_url``, which the client commands call without building Settings)."""
+        logs.check_amqp_url(value)
 
     @field_validator("upstream_rpm", "upstream_tpm", "upstream_window_s", "upstream_usd_limit", "upstream_usd_window_s")
     @classmethod
@@ -362,6 +335,14 @@ class Settings(BaseSettings):
     @property
     def amqp_url_redacted(self) -> str:
         return redact_url(self.amqp_url.get_secret_value())
+
+
+def known_level(value: str) -> str:
+    """A LOG_LEVEL, upper-cased, or ValueError (the worker's and the gateway's)."""
+    level = value.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError(f"unknown log level {value!r}")
+    return level
 
 
 def _checked_model(name: str) -> str:

@@ -7,7 +7,6 @@ the right HTTP status, before a request crosses the broker.
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -15,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker import limits
 from worker.logs import redact_url
-from worker.settings import MODEL_NAME, Settings
+from worker.settings import MODEL_NAME, Settings, known_level
 
 
 class GatewaySettings(BaseSettings):
@@ -77,9 +76,7 @@ class GatewaySettings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
-        if value.upper() not in logging.getLevelNamesMapping():
-            raise ValueError(f"unknown log level {value!r}")
-        return value.upper()
+        return known_level(value)
 
     @model_validator(mode="after")
     def _keys_or_anonymous(self) -> GatewaySettings:
