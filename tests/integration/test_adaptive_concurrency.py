@@ -24,7 +24,7 @@ CEILING = 32
 async def test_the_limit_finds_the_knee_of_a_saturating_upstream(
     start_worker: Any, vhost: str, emulator_state: EmulatorState
 ) -> None:
-    emulator_state.configure({"latency_ms": 20, "capacity": CAPACITY})
+    emulator_state.configure({"latency_ms": 60, "capacity": CAPACITY})
     await declare_once(vhost)
     texts = [f"knee {i}" for i in range(1500)]
     async with RawCaller(vhost) as caller:

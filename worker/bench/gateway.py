@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -195,3 +196,26 @@ if __name__ == "__main__":
     figures = asyncio.run(_main(BenchConfig(amqp_url=args.url, requests=args.requests, repeat=args.repeat)))
     print(table(figures))
     print(orjson.dumps({k: v for k, v in figures.items() if k != "all_runs"}, option=orjson.OPT_INDENT_2).decode())
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Each path's requests/s and p50/p99 per round, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["all_runs"]
+    fig, (rate, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (label, rounds) in enumerate(runs.items()):
+        xs = [i + 0.25 * (j - 1) for j in range(len(rounds))]
+        rate.bar(xs, [r["requests_per_s"] for r in rounds], width=0.22, label=label)
+        latency.bar(xs, [r["p50_ms"] for r in rounds], width=0.22, label=f"{label}, p50")
+        latency.scatter(xs, [r["p99_ms"] for r in rounds], marker="_", s=200, color="black")
+    for ax, title in ((rate, "requests/s per round"), (latency, "p50 per round (bars), p99 (marks), ms")):
+        ax.set_xticks(range(len(runs)), list(runs), fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"gateway: {result['requests']} single-text requests at concurrency {result['concurrency']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

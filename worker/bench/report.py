@@ -27,7 +27,9 @@ async def run(names: list[str], config: BenchConfig, out_dir: Path, plot: bool =
             result["config"] = {k: v for k, v in vars(config).items() if k != "amqp_url"}
             result["machine"] = {"cpus": _cpus(), "python": platform.python_version(), "at": started}
             (out_dir / f"{name}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-            if plot and "overhead_ms_per_request" not in result:  # the gateway's figures are a table, no plot
+            if plot and "overhead_ms_per_request" in result:
+                gateway.plot(result, out_dir / f"{name}.png")
+            elif plot:
                 _plot(name, result, out_dir / f"{name}.png")
             print(table(name, result), flush=True)
             results[name] = result
