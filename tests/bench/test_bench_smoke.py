@@ -69,6 +69,12 @@ async def test_every_scenario_runs_and_reports(broker: Broker, tmp_path: Path) -
             assert all(r["p50_ms"] > 0 and r["mean_batch"] >= 1 for r in result["rows"])
             assert result["echo_lone"]["p50_ms"] > 0
             continue
+        if name == "gateway":  # both paths answered every request with its text's vector (a wrong one raises)
+            assert set(result["all_runs"]) == {"EmbedClient directly", "through the gateway"}
+            assert all(r["requests"] == result["requests"] and r["requests_per_s"] > 0 for r in result["runs"])
+            assert result["ratios"]["throughput, gateway / direct"]["median"] > 0
+            assert result["gateway_cpu_us_per_request"]["median"] > 0 and result["gateway_peak_rss_mb"] > 0
+            continue
         for r in result["runs"]:
             assert r["seconds"] > 0 and r["texts_per_s"] > 0
             # process start < first reply < last reply, on one clock; the ready line is recorded, never the start
