@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
@@ -31,6 +31,9 @@ import redis
 from worker.app import run_worker
 from worker.emulator import EmulatorState, EmulatorThread
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 _CONNECTION_NAME = re.compile(r'\{"connection_name","((?:[^"\\]|\\.)*)"\}')
@@ -398,3 +401,22 @@ def own_redis() -> Iterator[Callable[..., OwnRedis]]:
     yield start
     for server in started:
         server.stop()
+
+
+# ---------------------------------------------------------------------- traces
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    """Spans of this test, in memory: a tracer from the SDK installed as the worker's and the gateway's."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from worker import tracing
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracing.install(provider.get_tracer("tests"))
+    yield spans
+    tracing.uninstall()
+    provider.shutdown()

@@ -9,19 +9,16 @@ The call and client spans come from hooks in worker/service.py and worker/embedd
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from tests.integration import test_gateway
 from tests.integration.test_gateway import G1, KEY, assert_vectors
-from worker import tracing
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +26,6 @@ start_gateway = test_gateway.start_gateway  # the same fixture: a gateway in the
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    spans = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    tracing.install(provider.get_tracer("tests"))
-    yield spans
-    tracing.uninstall()
-    provider.shutdown()
 
 
 async def finished(exporter: InMemorySpanExporter, kind: SpanKind, count: int = 1) -> list[ReadableSpan]:

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from aiormq.abc import DeliveredMessage
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from pamqp.commands import Basic
@@ -58,16 +55,6 @@ def test_configure_with_an_endpoint_builds_the_otlp_exporter() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    spans = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    tracing.install(provider.get_tracer("tests"))
-    yield spans
-    tracing.uninstall()
 
 
 def delivery(headers: dict[str, Any]) -> DeliveredMessage:
