@@ -173,13 +173,9 @@ async def connect(config: AmqpConfig) -> AbstractRobustConnection:
     on its own."""
     codec.install()  # before the first frame: a peer's invalid UTF-8 must not close this connection
     widen_write_queue()
-    where = redact_url(config.url)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + config.connect_timeout
-    backoff = Backoff(base=0.5, cap=5.0)
-    attempt = 0
+    retry = FirstConnect(redact_url(config.url), config.connect_timeout)
     while True:
-        attempt += 1
+        attempt = retry.next_attempt()
         try:
             return await connect_any(
                 config.url,
@@ -187,26 +183,46 @@ async def connect(config: AmqpConfig) -> AbstractRobustConnection:
                 ssl_context=ssl_context(config),
                 client_properties={"connection_name": config.connection_name},
                 reconnect_interval=config.reconnect_interval,
-                timeout=max(1.0, min(10.0, deadline - loop.time())),
+                timeout=max(1.0, min(10.0, retry.left())),
             )
-        except (
-            aiormq.exceptions.AMQPConnectionError,
-            aiormq.exceptions.InvalidFrameError,
-            OSError,
-            TimeoutError,
-        ) as exc:
-            if (refused := refusal(exc, where)) is not None:  # the broker answered no: waiting will not fix it
+        except CONNECT_ERRORS as exc:
+            if (refused := refusal(exc, retry.where)) is not None:  # the broker answered no: waiting will not fix it
                 raise refused from exc
-            left = deadline - loop.time()
-            reason = str(exc) or type(exc).__name__
-            if left <= 0:
-                raise BrokerUnreachable(
-                    f"no broker answered at {where} within AMQP_CONNECT_TIMEOUT_S={config.connect_timeout:g} s "
-                    f"({attempt} attempts; last: {reason})"
-                ) from exc
-            delay = min(left, backoff.delay(attempt))
-            log.warning("broker at %s not reachable (%s); attempt %d, retrying in %.1fs", where, reason, attempt, delay)
-            await asyncio.sleep(delay)
+            await retry.failed(str(exc) or type(exc).__name__)
+
+
+class FirstConnect:
+    """The wait at start for a broker that does not answer yet: back-off between attempts until ``timeout_s`` has
+    passed, each attempt logged, then ``BrokerUnreachable``. The worker's ``connect`` and the gateway's share it."""
+
+    def __init__(self, where: str, timeout_s: float):
+        self.where = where
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + timeout_s
+        self._backoff = Backoff(base=0.5, cap=5.0)
+        self._attempt = 0
+
+    def next_attempt(self) -> int:
+        self._attempt += 1
+        return self._attempt
+
+    def left(self) -> float:
+        return self._deadline - self._loop.time()
+
+    async def failed(self, reason: str) -> None:
+        """The attempt failed for ``reason``: sleep the back-off, or raise once the time is up."""
+        left = self.left()
+        if left <= 0:
+            raise BrokerUnreachable(
+                f"no broker answered at {self.where} within AMQP_CONNECT_TIMEOUT_S={self._timeout_s:g} s "
+                f"({self._attempt} attempts; last: {reason})"
+            )
+        delay = min(left, self._backoff.delay(self._attempt))
+        log.warning(
+            "broker at %s not reachable (%s); attempt %d, retrying in %.1fs", self.where, reason, self._attempt, delay
+        )
+        await asyncio.sleep(delay)
 
 
 # What connecting may raise: refused (``refusal``), or not answered yet. OSError covers ssl.SSLError.

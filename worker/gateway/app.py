@@ -25,9 +25,9 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from worker import tracing
-from worker.backoff import Backoff
+from worker.amqp.connection import FirstConnect
 from worker.client import EmbedClient, EmbedClientError, EmbedClientRefused, lane_key
-from worker.errors import BrokerUnreachable, ConfigurationError
+from worker.errors import ConfigurationError
 from worker.gateway import gemini_routes, openai_routes
 from worker.gateway.calls import Failure, Job, bad_request, embed, overloaded, too_large
 from worker.gateway.metrics import GatewayMetrics
@@ -259,28 +259,16 @@ async def listen(settings: GatewaySettings, client: EmbedClient, metrics: Gatewa
 async def connect(client: EmbedClient, settings: GatewaySettings) -> None:
     """Connect as the worker does at start: a broker that does not answer yet is retried with back-off for
     AMQP_CONNECT_TIMEOUT_S, each attempt logged; one that refuses us (login, vhost, TLS) is a configuration error."""
-    where = settings.amqp_url_redacted
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.amqp_connect_timeout_s
-    backoff = Backoff(base=0.5, cap=5.0)
-    attempt = 0
+    retry = FirstConnect(settings.amqp_url_redacted, settings.amqp_connect_timeout_s)
     while True:
-        attempt += 1
+        retry.next_attempt()
         try:
             await client.connect()
             return
         except EmbedClientRefused as exc:
             raise ConfigurationError(exc.message) from None
         except EmbedClientError as exc:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise BrokerUnreachable(
-                    f"no broker answered at {where} within AMQP_CONNECT_TIMEOUT_S={settings.amqp_connect_timeout_s:g}"
-                    f" s ({attempt} attempts; last: {exc.message})"
-                ) from None
-            delay = min(left, backoff.delay(attempt))
-            log.warning("broker at %s not reachable; attempt %d, retrying in %.1fs", where, attempt, delay)
-            await asyncio.sleep(delay)
+            await retry.failed(exc.message)
 
 
 async def run_gateway(
