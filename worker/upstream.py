@@ -66,7 +66,6 @@ class UpstreamCaller:
         unlimited = 2**31 - 1
         self._concurrency = concurrency or AdaptiveConcurrency(unlimited, initial=unlimited)
         self._in_flight = 0  # calls on the wire now (the limit learns only from calls made under load)
-        self._shown_limit = -1
         self.admission = Admission(
             lambda: int(self._concurrency.limit),
             self._rate,
@@ -156,10 +155,7 @@ class UpstreamCaller:
         self._show_limit()
 
     def _show_limit(self) -> None:
-        limit = int(self._concurrency.limit)
-        if limit != self._shown_limit:
-            self._shown_limit = limit
-            self.metrics.concurrency_limit.set(limit)
+        self.metrics.concurrency_limit.set(int(self._concurrency.limit))
 
     def _failed(self) -> None:
         if self.breaker is not None:

@@ -29,7 +29,6 @@ import importlib.metadata
 import logging
 import re
 import sys
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +72,6 @@ class GeminiEmbedder:
         )
         self._api_key, self._base_url, self._timeout_s = api_key, base_url, timeout_s
         self._client: genai.Client | None = None
-        self._building = threading.Lock()
         # The fast path's route is worked out here, as the SDK would (``sdk_route``), so that the fast path needs
         # no SDK until an error answer: importing google-genai costs ~0.5 s of CPU, most of a start, and on a
         # thread it would still hold the GIL for that long (measured: calls a rate limit admitted went out late
@@ -85,22 +83,21 @@ class GeminiEmbedder:
     @property
     def client(self) -> genai.Client:
         """The SDK's client (built on first use): the public method's path and the Batch API's (gemini_batch.py)."""
-        with self._building:
-            if self._client is None:
-                from google import genai
-                from google.genai import types
+        if self._client is None:
+            from google import genai
+            from google.genai import types
 
-                options = types.HttpOptions(
-                    base_url=self._base_url,
-                    timeout=int(self._timeout_s * 1000),  # the SDK takes milliseconds
-                    httpx_async_client=self._http,
-                )
-                self._client = genai.Client(api_key=self._api_key.get_secret_value(), http_options=options)
-                route = _fast_route(self._client)
-                if self._route is not None and route is not None and route != self._route:
-                    log.warning("the SDK's own route differs from the one worked out for it; using the SDK's")
-                    self._route = route
-            return self._client
+            options = types.HttpOptions(
+                base_url=self._base_url,
+                timeout=int(self._timeout_s * 1000),  # the SDK takes milliseconds
+                httpx_async_client=self._http,
+            )
+            self._client = genai.Client(api_key=self._api_key.get_secret_value(), http_options=options)
+            route = _fast_route(self._client)
+            if self._route is not None and route is not None and route != self._route:
+                log.warning("the SDK's own route differs from the one worked out for it; using the SDK's")
+                self._route = route
+        return self._client
 
     async def call(self, texts: Sequence[EmbedInput], config: EmbedConfig) -> FloatArray | list[JsonVector]:
         """One API call; raises ``UpstreamError`` (or a subclass). Full-size vectors come back as the API wrote
