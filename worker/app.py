@@ -262,7 +262,8 @@ def _limiter(
     settings: Settings, stack: contextlib.AsyncExitStack, metrics: Metrics
 ) -> tuple[Limiter, Callable[[], Awaitable[None]]]:
     """The API budget: this process's own, or the fleet's through Redis; and what to do once consuming (announce
-    this worker's budget to the fleet: the first call waits for it, the consumers do not)."""
+    this worker's budget to the fleet, for the warning when live workers declare others; every call is counted in
+    Redis whether or not it came before the announcement, so nothing waits for it)."""
     if settings.upstream_limit_scope == "process" or not settings.limited:
         limiter = RateLimiter(
             settings.upstream_rpm,
